@@ -1,0 +1,1 @@
+"""RegMix-D pipeline tools, each runnable as `python -m tools.<name> --help`."""
