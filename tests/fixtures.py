@@ -51,7 +51,8 @@ def make_domains(root: str, domains=("web", "code", "books"), n_docs=200, doc_le
             out[name][split] = prefix
             counts[name][f"{split}_tokens"] = int(sum(len(d) + 1 for d in docs))
             counts[name][f"{split}_documents"] = n
+            counts[name][f"{split}_prefix"] = prefix
     with open(os.path.join(root, "tokens.json"), "w") as f:
-        json.dump({"tokenizer": {"type": "NullTokenizer", "vocab_size": vocab_size},
+        json.dump({"tokenizer": {"type": "NullTokenizer", "vocab_size": vocab_size, "eod": vocab_size},
                    "domains": counts}, f, indent=1)
     return out
