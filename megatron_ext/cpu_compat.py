@@ -1,7 +1,7 @@
 """Run megatron-core 0.16.1 on machines without CUDA, touching nothing when CUDA is present.
 
 megatron-core allocates a handful of bookkeeping tensors with `device="cuda"` or
-`torch.cuda.current_device()` even when the model lives on the CPU (see docs/arch/launcher.md for the
+`torch.cuda.current_device()` even when the model lives on the CPU (see docs/ARCHITECTURE.md for the
 list). Three narrow seams fix that:
 
 - `SDPAttention`: the local spec's core attention with `scaled_dot_product_attention` instead of the
