@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -79,12 +80,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, extra: dict) ->
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        atomic_write(os.path.join(root, TRACKER), f"{iteration}\n", fsync=True)
     _barrier()
 
 

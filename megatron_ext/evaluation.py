@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -103,12 +104,7 @@ class JsonLines:
                     break  # written by something else than append(); never ours
                 if json.loads(line)["iteration"] <= iteration:
                     keep.append(line)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(keep), fsync=True)
 
     def append(self, record: dict) -> None:
         data = (json.dumps(record) + "\n").encode()

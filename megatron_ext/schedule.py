@@ -8,10 +8,10 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 
 SCHEDULE_VERSION = 1
@@ -109,22 +109,6 @@ def _looks_number(x) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class MixtureSchedule:
@@ -369,7 +353,7 @@ class MixtureSchedule:
 
     def save(self, path: str) -> None:
         """Write `sched.json` atomically (temp file + os.replace)."""
-        _atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n", fsync=True)
 
     def sha256(self) -> str:
         """Hash of what decides the data (unit, starts, blends, valid), not of the provenance."""

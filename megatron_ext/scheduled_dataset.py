@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from bisect import bisect_right
 from typing import Callable, Optional, Sequence, Union
 
@@ -25,6 +24,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import normalize
 
+from megatron_ext.atomic import atomic_path, atomic_write
 from megatron_ext.schedule import MixtureSchedule, ScheduleError, domain_name
 
 logger = logging.getLogger(__name__)
@@ -71,18 +71,6 @@ def _count(dataset_index: np.ndarray, n_domains: int) -> np.ndarray:
     for a in range(0, dataset_index.shape[0], _CHUNK):
         counts += np.bincount(dataset_index[a:a + _CHUNK], minlength=n_domains)
     return counts
-
-
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ScheduledBlendedDataset(torch.utils.data.Dataset):
@@ -332,13 +320,11 @@ class ScheduledBlendedDataset(torch.utils.data.Dataset):
             dsi[:] = np.load(files[2], mmap_mode="r")
             return counts
         counts = blend_stage(di, dsi, weights, offsets)
-        os.makedirs(self.cache_dir, exist_ok=True)
-        _atomic_save(files[1], di)
-        _atomic_save(files[2], dsi)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({**json.loads(description), "counts": counts.tolist()}, f)
-        os.replace(tmp, files[0])  # written last: its presence marks a complete entry
+        for file, array in ((files[1], di), (files[2], dsi)):
+            with atomic_path(file, suffix=".npy") as tmp:
+                np.save(tmp, array, allow_pickle=False)
+        # written last: its presence marks a complete entry
+        atomic_write(files[0], json.dumps({**json.loads(description), "counts": counts.tolist()}))
         return counts
 
     def _ensure_datasets(self, wanted: list[Optional[int]]) -> None:

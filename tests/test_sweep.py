@@ -234,7 +234,7 @@ def test_runner_runs_all_then_skips_finished(fake):
 def test_runner_retries_and_reports_failures(fake):
     sweep, command, setup, events = fake
     setup(p0001={"fail": 1}, p0002={"fail": 99}, p0003={"short": True}, p0004={"hang": True})
-    out = sweep_cli(*run_args(sweep, command, "--jobs", 2, "--retries", 1, "--run-timeout", 1.5), check=False)
+    out = sweep_cli(*run_args(sweep, command, "--jobs", 2, "--retries", 1, "--run-timeout", 8), check=False)
     assert out.returncode == 1
     runs = sweep / "runs"
     assert json.loads((runs / "p0001/done").read_text())["attempts"] == 2
@@ -243,7 +243,7 @@ def test_runner_retries_and_reports_failures(fake):
     failed = json.loads((runs / "p0002/failed").read_text())
     assert failed["attempts"] == 2 and failed["reason"] == "exit code 1"
     assert failed["log"] == str(runs / "p0002/log.txt") and "fake failure" in open(failed["log"]).read()
-    assert json.loads((runs / "p0004/state.json").read_text())["last_error"] == "timed out after 1.5 s"
+    assert json.loads((runs / "p0004/state.json").read_text())["last_error"] == "timed out after 8 s"
     assert (runs / "p0004/done").exists()                          # the hung attempt was killed, then retried
     short = json.loads((runs / "p0003/failed").read_text())
     assert short["reason"] == "exit code 0 but 2 of 4 trajectory lines"

@@ -12,15 +12,14 @@ on a crashed or exploding proxy learns the crash.
 import argparse
 import csv
 import io
-import json
 import math
 import os
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
-from tools.sweep import (DONE, RUNNER_JSON, RUNS, SCHED, read_json, run_ids, trajectory_records,
-                         write_atomic, write_json)
+from tools.sweep import DONE, RUNNER_JSON, RUNS, SCHED, read_json, run_ids, trajectory_records, write_json
 
 TRAJECTORY_COLUMNS = ["run", "iteration", "tokens", "progress", "stage", "domain", "loss", "target"]
 MIXTURE_COLUMNS = ["run", "stage", "start", "domain", "weight"]
@@ -94,8 +93,8 @@ def collect(sweep: str, expected: int = 0) -> dict:
     if not included:
         raise UserError(f"{sweep}: no complete, converging runs to collect ({len(excluded)} excluded; "
                         "see collect_report.json)")
-    write_atomic(os.path.join(sweep, "trajectories.csv"), csv_text(TRAJECTORY_COLUMNS, trajectories))
-    write_atomic(os.path.join(sweep, "mixtures.csv"), csv_text(MIXTURE_COLUMNS, mixtures))
+    atomic_write(os.path.join(sweep, "trajectories.csv"), csv_text(TRAJECTORY_COLUMNS, trajectories), fsync=True)
+    atomic_write(os.path.join(sweep, "mixtures.csv"), csv_text(MIXTURE_COLUMNS, mixtures), fsync=True)
     report["rows"] = {"trajectories": len(trajectories), "mixtures": len(mixtures)}
     return report
 

@@ -11,9 +11,10 @@ import sys
 
 import numpy as np
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 from tools.cli import run_main
-from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, atomic_write, cross_validate,
+from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,
                              cv_markdown, plot_predicted_vs_observed, read_indexed_table, static_table,
                              trajectory_table)
 

@@ -20,7 +20,7 @@ from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
 from tools.mixture_sampler import token_shares
-from tools.surrogate import Surrogate
+from tools.surrogate import Surrogate, save_figure
 from tools.sweep import load_tokens
 
 
@@ -250,8 +250,6 @@ def make_schedule(result: SearchResult, domains, prefixes, valid, provenance) ->
 
 
 def plot_schedule(result: SearchResult, domains: list[str], path: str, title: str) -> None:
-    import tempfile
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -266,11 +264,7 @@ def plot_schedule(result: SearchResult, domains: list[str], path: str, title: st
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -6,17 +6,17 @@ Two modes share one table layout (rows × common features, a per-target loss sta
   (t_l = l/K): (progress t_l, the mixture over the transition, [cumulative shares before t_l],
   [the target's own loss at t_l]) → the target's loss at t_{l+1}. With the defaults this is the paper's
   local transition model f_N(t_l, m, l_l) → l_{l+1} (N = K - 1 switch points, M × N rows).
-The exact feature set is documented in docs/arch/surrogate.md.
+The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from megatron_ext.atomic import atomic_path, atomic_write
 from megatron_ext.errors import UserError
 
 MODEL_KINDS = ("lgbm", "ridge")
@@ -24,19 +24,14 @@ MODEL_KINDS = ("lgbm", "ridge")
 
 # ---------------------------------------------------------------- small helpers
 
-def atomic_write(path: str, data, mode: str = "w") -> None:
-    """Write a file through a temp file in the same folder + os.replace, so readers never see half of it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
+def save_figure(fig, path: str) -> None:
+    """Save a matplotlib figure as a PNG atomically and close it (the plots of fit and search)."""
+    import matplotlib.pyplot as plt
     try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def sha256_files(paths) -> str:
@@ -498,8 +493,4 @@ def plot_predicted_vs_observed(table: Table, report: dict, path: str) -> None:
         ax.set_ylabel("predicted (out of fold)", fontsize=7)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

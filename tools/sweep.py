@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
@@ -45,18 +46,8 @@ DEFAULT_COMMAND = ("{python} {launcher} --config {config} --data-schedule {sched
                    "{train} --seed {seed} {tokenizer} {extra}")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temp file and os.replace, so readers see the old file or the new one, never half."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: str, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+    atomic_write(path, json.dumps(obj, indent=1) + "\n", fsync=True)
 
 
 def read_json(path: str):
@@ -551,8 +542,8 @@ def cmd_run(args) -> int:
     if args.slurm:
         os.makedirs(os.path.join(args.sweep, "slurm"), exist_ok=True)
         path = os.path.join(args.sweep, "sweep.sbatch")
-        write_atomic(path, slurm_script(args.sweep, settings, len(ids), args.runs_per_task,
-                                        args.cpus_per_task, args.sbatch_arg))
+        atomic_write(path, slurm_script(args.sweep, settings, len(ids), args.runs_per_task,
+                                        args.cpus_per_task, args.sbatch_arg), fsync=True)
         print(f"wrote {path}: {-(-len(ids) // args.runs_per_task)} array tasks; submit with: sbatch {path}")
         return 0
     cores = len(os.sched_getaffinity(0))

@@ -11,11 +11,11 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from megatron_ext.atomic import atomic_path
 from megatron_ext.errors import UserError
 from tools.corpus.fetch import Fetcher, SourceUnavailable
 from tools.corpus.sources import DOMAINS, Source
@@ -80,24 +80,13 @@ def select_chunks(streams: list[tuple[str, object]], cap_bytes: int, valid_fract
 
 
 def _atomic_write(path: str, lines) -> str:
-    """Write lines to `path` via a temp file + rename; returns the sha256 of the bytes written."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write lines to `path` atomically; returns the sha256 of the bytes written."""
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are shared with the team
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for line in lines:
-                data = line.encode("utf-8")
-                digest.update(data)
-                fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for line in lines:
+            data = line.encode("utf-8")
+            digest.update(data)
+            fh.write(data)
     return digest.hexdigest()
 
 

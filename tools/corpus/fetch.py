@@ -5,6 +5,7 @@ Nothing is installed: wheels, sdists and npm tarballs are read in place with zip
 fetched again, so a second build does no network work. Every fetch records `registry:name -> version`
 for the manifest.
 """
+import contextlib
 import fcntl
 import glob
 import hashlib
@@ -35,21 +36,24 @@ def run_tool(cmd, cwd, timeout=600):
     return proc
 
 
-def _fresh_dir(final: str) -> str:
-    """A temp dir next to `final`, to be renamed into place once complete (atomic cache entries)."""
+@contextlib.contextmanager
+def _cache_entry(final: str):
+    """Yield a temp dir next to `final`, renamed into place once the block succeeds (atomic cache entries).
+
+    If a parallel build got there first, theirs is kept; the temp dir is always removed.
+    """
     os.makedirs(os.path.dirname(final), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
     os.chmod(tmp, 0o755)
-    return tmp
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Rename a finished temp dir into place; if a parallel build got there first, keep theirs."""
     try:
-        os.replace(tmp, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
+        yield tmp
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Fetcher:
@@ -66,16 +70,12 @@ class Fetcher:
         """Path of the wheel (or sdist) of `name==version`, downloaded on first use."""
         final = os.path.join(self.root, "pip", f"{name}-{version}")
         if not os.path.isdir(final):
-            tmp = _fresh_dir(final)
-            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
-                   "-d", tmp]
-            if sdist:
-                cmd += ["--no-binary", ":all:"]
-            try:
+            with _cache_entry(final) as tmp:
+                cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--disable-pip-version-check",
+                       "-d", tmp]
+                if sdist:
+                    cmd += ["--no-binary", ":all:"]
                 run_tool(cmd + [f"{name}=={version}"], cwd=tmp)
-                _publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         files = sorted(os.listdir(final))
         if len(files) != 1:
             raise SourceUnavailable(f"pip cache {final} holds {len(files)} files, expected 1")
@@ -88,12 +88,8 @@ class Fetcher:
         """Path of the `npm pack` tarball of `name@version`, downloaded on first use."""
         final = os.path.join(self.root, "npm", f"{name.replace('/', '+')}-{version}")
         if not os.path.isdir(final):
-            tmp = _fresh_dir(final)
-            try:
+            with _cache_entry(final) as tmp:
                 run_tool(["npm", "pack", "--silent", f"--pack-destination={tmp}", f"{name}@{version}"], cwd=tmp)
-                _publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         files = sorted(f for f in os.listdir(final) if f.endswith(".tgz"))
         if len(files) != 1:
             raise SourceUnavailable(f"npm cache {final} holds {len(files)} tarballs, expected 1")
@@ -111,25 +107,17 @@ class Fetcher:
         """
         pkg_dir = os.path.join(self.root, "apt", package)
         if not os.path.isdir(pkg_dir):
-            tmp = _fresh_dir(pkg_dir)
-            try:
+            with _cache_entry(pkg_dir) as tmp:
                 self._apt_lists()
                 run_tool(["apt-get", "download", "-q", package], cwd=tmp)
-                _publish(tmp, pkg_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         debs = glob.glob(os.path.join(pkg_dir, "*.deb"))
         if len(debs) != 1:
             raise SourceUnavailable(f"apt cache {pkg_dir} holds {len(debs)} .deb files, expected 1")
         subset = hashlib.md5(repr((prefix, suffixes)).encode()).hexdigest()[:10]
         final = os.path.join(pkg_dir, f"x-{subset}")
         if not os.path.isdir(final):
-            tmp = _fresh_dir(final)
-            try:
+            with _cache_entry(final) as tmp:
                 _unpack_deb(debs[0], tmp, prefix, suffixes)
-                _publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         # pkg_1:2.3-4_all.deb is stored as pkg_1%3a2.3-4_all.deb
         self.packages[f"apt:{package}"] = os.path.basename(debs[0]).split("_")[1].replace("%3a", ":")
         self.used.add(f"apt:{package}")
@@ -154,12 +142,8 @@ class Fetcher:
         """A cached directory `derived/<key>` made once by `build(tmp_dir)` (e.g. a subset of a tarball)."""
         final = os.path.join(self.root, "derived", key)
         if not os.path.isdir(final):
-            tmp = _fresh_dir(final)
-            try:
+            with _cache_entry(final) as tmp:
                 build(tmp)
-                _publish(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         return final
 
 
