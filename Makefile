@@ -52,6 +52,16 @@ TARGET_SAVE ?= runs/target
 
 .PHONY: venv demo test corpus tokenize proxies schedule target clean
 
+venv: $(STAMP)
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(TORCH_STEP)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: venv
+	$(PY) -m pytest tests
+
 demo: schedule
 
 corpus: venv
