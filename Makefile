@@ -47,8 +47,9 @@ TARGET_TOKENS ?= 1e9
 CANDIDATES ?= 100000
 # the target run on the searched schedule (CPU demo model; any examples/ config works)
 TARGET_CONFIG ?= examples/demo_10m.yaml
-TARGET_ITERS ?= 200
+TARGET_ITERS ?= 60
 TARGET_SAVE ?= runs/target
+TARGET_FLAGS ?=
 
 .PHONY: venv demo test corpus tokenize proxies schedule target clean
 
@@ -83,9 +84,10 @@ schedule: proxies
 	$(PY) -m tools.schedule show $(SCHEDULE)
 
 target: venv
+	mkdir -p $(TARGET_SAVE)
 	$(PY) pretrain_regmixd.py --config $(TARGET_CONFIG) --data-schedule $(SCHEDULE) \
 	    --tokenizer-type SentencePieceTokenizer --tokenizer-model $(DATA)/tok/tokenizer.model \
-	    --train-iters $(TARGET_ITERS) --save $(TARGET_SAVE) --load $(TARGET_SAVE)
+	    --train-iters $(TARGET_ITERS) --save $(TARGET_SAVE) --load $(TARGET_SAVE) $(TARGET_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -229,6 +229,11 @@ def test_runner_runs_all_then_skips_finished(fake):
     sweep_cli(*run_args(sweep, command, "--jobs", 2))
     assert len([e for e in events() if e["kind"] == "start"]) == 6     # nothing ran again
     assert "done 6" in sweep_cli("status", sweep).stdout
+    # killed after the launcher finished but before `done` was written: marked, not run again
+    (sweep / "runs/p0002/done").unlink()
+    sweep_cli(*run_args(sweep, command, "--jobs", 2))
+    assert len([e for e in events() if e["kind"] == "start"]) == 6
+    assert (sweep / "runs/p0002/done").exists()
 
 
 def test_runner_retries_and_reports_failures(fake):

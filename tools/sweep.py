@@ -196,6 +196,17 @@ def has_checkpoint(run_dir: str) -> bool:
     return os.path.exists(os.path.join(run_dir, CHECKPOINT_TRACKER))
 
 
+def finished_unmarked(run_dir: str, settings: "RunSettings") -> bool:
+    """The launcher finished (final checkpoint, every evaluation) but the runner was killed before it
+    wrote `done`: a restart must mark it, not run it again."""
+    try:
+        with open(os.path.join(run_dir, CHECKPOINT_TRACKER)) as f:
+            last = int(f.read().strip())
+    except (FileNotFoundError, ValueError):
+        return False
+    return last >= settings.train_iters and len(trajectory_records(run_dir)) == settings.expected_evals
+
+
 def run_command(settings: RunSettings, run_dir: str) -> list:
     """The per-run argv: the settings' template filled in for this run."""
     q = shlex.quote
@@ -321,10 +332,13 @@ def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
         state = read_json(os.path.join(run_dir, STATE)) or {"failures": 0}
         start = time.time()
         while True:
-            try:
-                ok, reason = attempt(settings, run_dir, lock, state["failures"] + 1)
-            except _Terminated:
-                return 143
+            if finished_unmarked(run_dir, settings):
+                ok, reason = True, ""
+            else:
+                try:
+                    ok, reason = attempt(settings, run_dir, lock, state["failures"] + 1)
+                except _Terminated:
+                    return 143
             if ok:
                 write_json(os.path.join(run_dir, DONE), {
                     "run": run_id, "evals": settings.expected_evals, "attempts": state["failures"] + 1,
