@@ -8,7 +8,14 @@ domain's validation set to the trajectory file; checkpoints resume exactly.
 import os
 import sys
 import time
+import warnings
 from functools import partial
+
+# megatron-core warns at import that Transformer Engine / apex are missing: expected on CPU, where the
+# launcher picks its own layer spec (and logs which one).
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
+# ... and TransformerConfig's own default cuda_graph_scope trips its deprecation warning (no CUDA graphs here)
+warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 import torch
 from megatron.core import parallel_state
