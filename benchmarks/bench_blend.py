@@ -138,14 +138,15 @@ def main(argv=None) -> int:
     # what BlendedMegatronDatasetBuilder hands BlendedDataset: normalized weights, size sum(ceil(N * w))
     megatron_weights = normalize(plans["megatron"][1][0])
     megatron_size = sum(math.ceil(args.samples * w) for w in megatron_weights)
+
+    def scheduled(plan):
+        return lambda: ScheduledBlendedDataset([f"dom{d}" for d in range(args.domains)], *plan, args.samples,
+                                               lambda ids, _num_samples: [datasets[i] for i in ids])
+
     builders = {
         "megatron": lambda: BlendedDataset(datasets, megatron_weights, megatron_size, blend_config),
-        "1 stage": lambda: ScheduledBlendedDataset(
-            [f"dom{d}" for d in range(args.domains)], *plans["1 stage"], args.samples,
-            lambda ids, ns: [datasets[i] for i in ids]),
-        "8 stages": lambda: ScheduledBlendedDataset(
-            [f"dom{d}" for d in range(args.domains)], *plans["8 stages"], args.samples,
-            lambda ids, ns: [datasets[i] for i in ids]),
+        "1 stage": scheduled(plans["1 stage"]),
+        "8 stages": scheduled(plans["8 stages"]),
     }
 
     build_times = {k: [] for k in builders}

@@ -365,3 +365,11 @@ def test_real_government_domain_from_pypi(tmp_path):
     rows = [json.loads(line) for line in (out / "government" / "train.jsonl").read_text().splitlines()]
     assert all(r["source"] == "sotu" and r["id"].startswith("sotu/") for r in rows)
     assert any("Congress" in r["text"] for r in rows)
+
+
+def test_at_least_five_domains_build_without_debian():
+    """The off-Debian rule: at least 5 domains have a PyPI or npm source, and all 12 domains exist."""
+    assert len(DOMAINS) == 12
+    off_debian = [d for d, sources in DOMAINS.items() if any(s.registry in ("pypi", "npm") for s in sources)]
+    assert len(off_debian) >= 5, off_debian
+    assert {s.registry for sources in DOMAINS.values() for s in sources} <= {"pypi", "npm", "apt"}
