@@ -211,7 +211,7 @@ def export_tokenizer(saved, folder: str, eod: int) -> Dict:
     import shutil
 
     transformers, _ = require_hf()
-    kind = saved.tokenizer_type
+    kind, before = saved.tokenizer_type, set(os.listdir(folder))
     if kind == "NullTokenizer":
         return {"type": kind, "files": [], "note": "NullTokenizer has no text form: feed token ids "
                 f"(0..{saved.vocab_size - 1}, EOD {eod}) directly; lm-eval needs a text tokenizer"}
@@ -226,7 +226,7 @@ def export_tokenizer(saved, folder: str, eod: int) -> Dict:
                                          merges_file=os.path.join(folder, "merges.txt"),
                                          add_prefix_space=False)
         tok.save_pretrained(folder)
-        return {"type": kind, "files": sorted(os.listdir(folder))}
+        return {"type": kind, "files": sorted(set(os.listdir(folder)) - before)}
     model = saved.tokenizer_model
     if not model or not os.path.isfile(model):
         raise UserError(f"the checkpoint's --tokenizer-model {model} is not readable from here "
@@ -246,12 +246,14 @@ def export_tokenizer(saved, folder: str, eod: int) -> Dict:
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model)
-    special = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
-                                                        ("unk_token", sp.unk_id())) if i >= 0}
+    # documents start after an EOD in training (no BOS): lm-eval's rolling windows start with bos_token
+    special = {"bos_token": sp.id_to_piece(eod), "eos_token": sp.id_to_piece(eod)}
+    if sp.unk_id() >= 0:
+        special["unk_token"] = sp.id_to_piece(sp.unk_id())
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                                model_max_length=saved.max_position_embeddings, **special)
     tok.save_pretrained(folder)
-    return {"type": kind, "files": sorted(os.listdir(folder))}
+    return {"type": kind, "files": sorted(set(os.listdir(folder)) - before)}
 
 
 def _sentencepiece_adds_dummy_prefix(model: str) -> bool:
