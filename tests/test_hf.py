@@ -2,8 +2,11 @@
 (logits within 1e-4 in fp32 and equal greedy generations, checked by `export_hf --verify`), import of
 a random LlamaForCausalLM (the launcher's first loss equals the HF model's on the same batch), and
 lm-evaluation-harness on a local task built from held-out text."""
+import glob
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -63,44 +66,106 @@ def test_mapping_round_trip_keeps_every_tensor():
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def write_text_corpus(root: str, seed: int = 0) -> str:
+    """Two domains of word-salad text as the corpus writes it: <root>/<domain>/{train,valid}.jsonl."""
+    rng = random.Random(seed)
+    words = {"web": "the cat sat on a mat and then ran far away from the big dog".split(),
+             "code": "def return value import numpy if else for while print self".split()}
+    for domain, vocab in words.items():
+        os.makedirs(os.path.join(root, domain))
+        for split, n in (("train", 120), ("valid", 8)):
+            with open(os.path.join(root, domain, f"{split}.jsonl"), "w") as f:
+                for _ in range(n):
+                    text = " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 60))) + ".\n"
+                    f.write(json.dumps({"text": text}) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
-def trained(corpus):  # noqa: F811
-    root, _, sched = corpus
-    save = str(root / "hf_tp1")
-    r = launch(GQA + ["--train-iters", "3", "--eval-interval", "3", "--data-schedule", sched, "--save", save])
+def text_corpus(tmp_path_factory):
+    """Raw text tokenized by tools.preprocess with a 300-piece SentencePiece model; the launcher's data flags."""
+    root = tmp_path_factory.mktemp("hf_text")
+    raw, tok = write_text_corpus(str(root / "raw")), str(root / "tok")
+    r = tool("tools.preprocess", "--input", raw, "--output", tok, "--vocab-size", "300")
     assert r.returncode == 0, r.stderr[-3000:]
-    return root, sched, save
+    data = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", os.path.join(tok, "tokenizer.model"),
+            "--data-path", "0.5", os.path.join(tok, "web_train_text_document"),
+            "0.5", os.path.join(tok, "code_train_text_document")]
+    return root, raw, data
+
+
+@pytest.fixture(scope="module")
+def trained(text_corpus):
+    root, _, data = text_corpus
+    save = str(root / "hf_tp1")
+    r = launch(GQA + data + ["--train-iters", "3", "--eval-interval", "3", "--save", save])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = str(root / "hf_out_tp1")
+    r = tool("tools.export_hf", "--load", save, "--out", out, "--verify")
+    return root, save, out, r
 
 
 def test_export_tp1_matches_megatron_core(trained):
-    root, _, save = trained
-    out = str(root / "hf_out_tp1")
-    r = tool("tools.export_hf", "--load", save, "--out", out, "--verify")
+    _, _, out, r = trained
     assert_verified(r)
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
-                                       "regmixd_export.json"]
+    assert "tokenizer: identical ids" in r.stdout
+    assert {"config.json", "generation_config.json", "model.safetensors", "regmixd_export.json", "tokenizer.json",
+            "tokenizer.model"} <= set(os.listdir(out))
     record = json.load(open(os.path.join(out, "regmixd_export.json")))
-    assert record["padded_vocab_size"] == 640 and record["tokenizer_vocab_size"] == 513
-    assert "NullTokenizer" in record["tokenizer"]["note"]
+    assert record["padded_vocab_size"] == 384 and record["tokenizer_vocab_size"] == 300
     model = transformers.LlamaForCausalLM.from_pretrained(out)
     assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer.encode(" the cat  sat\n", add_special_tokens=False)) == " the cat  sat\n"
 
 
+# TP=2 on the SentencePiece corpus; PP=2 on the NullTokenizer one (exported without a tokenizer)
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"],
-                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2", "pp2"])
-def test_export_resharded_checkpoint_matches(trained, layout):
-    root, sched, _ = trained
-    name = "tp2" if "--tensor-model-parallel-size" in layout else "pp2"
+@pytest.mark.parametrize("name", ["tp2", "pp2"])
+def test_export_resharded_checkpoint_matches(text_corpus, corpus, name):  # noqa: F811
+    root = text_corpus[0]
+    if name == "tp2":
+        flags = text_corpus[2] + ["--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64"]
+    else:
+        flags = ["--pipeline-model-parallel-size", "2", "--data-schedule", corpus[2]]
     save, out = str(root / f"hf_{name}"), str(root / f"hf_out_{name}")
-    r = launch(GQA + layout + ["--train-iters", "3", "--eval-interval", "3", "--data-schedule", sched,
-                               "--save", save], nproc=2)
+    r = launch(GQA + flags + ["--train-iters", "3", "--eval-interval", "3", "--save", save], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = tool("tools.export_hf", "--load", save, "--out", out, "--verify")
     assert_verified(r)
     record = json.load(open(os.path.join(out, "regmixd_export.json")))
     assert record["saved_layout"]["world_size"] == 2
+    if name == "pp2":
+        assert record["padded_vocab_size"] == 640 and "NullTokenizer" in record["tokenizer"]["note"]
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_a_local_task_on_the_export(trained, text_corpus):
+    root, _, out, _ = trained
+    tasks, results = str(root / "tasks"), str(root / "lm_eval")
+    r = tool("tools.eval_tasks", "--raw", text_corpus[1], "--out", tasks, "--max-docs", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "regmixd_cloze_web: 4 documents" in r.stdout
+    r = subprocess.run([PY, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={out},dtype=float32",
+                        "--include_path", tasks, "--tasks", "regmixd_cloze_web,regmixd_ppl_code", "--device", "cpu",
+                        "--batch_size", "4", "--output_path", results],
+                       env=dict(env(), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                       timeout=600, cwd=str(root))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (found,) = glob.glob(os.path.join(results, "*", "results_*.json"))
+    scores = json.load(open(found))["results"]
+    assert 0.0 <= scores["regmixd_cloze_web"]["acc,none"] <= 1.0
+    assert math.isfinite(scores["regmixd_cloze_web"]["perplexity,none"])
+    assert 0.0 < scores["regmixd_ppl_code"]["bits_per_byte,none"] < 20.0
+
+
+def test_eval_tasks_cloze_items():
+    from tools.eval_tasks import cloze_item
+
+    assert cloze_item("one two three.", 100) == {"context": "one two", "target": " three"}
+    assert cloze_item("one two three four", 9) == {"context": "one", "target": " two"}
+    assert cloze_item("lonely", 100) is None
 
 
 def test_import_random_llama_first_loss_equals_hf_loss(corpus, tmp_path):  # noqa: F811
