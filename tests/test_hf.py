@@ -2,6 +2,7 @@
 (logits within 1e-4 in fp32 and equal greedy generations, checked by `export_hf --verify`), import of
 a random LlamaForCausalLM (the launcher's first loss equals the HF model's on the same batch), and
 lm-evaluation-harness on a local task built from held-out text."""
+import argparse
 import glob
 import json
 import math
@@ -14,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from test_launcher import PY, ROOT, TINY, corpus, env, launch, losses, read_jsonl  # noqa: F401  (corpus: fixture)
+from test_launcher import PY, ROOT, TINY, corpus, env, launch, read_jsonl  # noqa: F401  (corpus: fixture)
+from test_preprocess import gpt2_files  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers", reason="the eval extra (transformers) is not installed")
 
@@ -225,3 +227,18 @@ def test_missing_extra_is_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: Hugging Face interop needs the eval extra (transformers is missing): pip install -e '.[eval]'"]
+
+
+@pytest.mark.network
+def test_gpt2_tokenizer_export_gives_the_same_ids(tmp_path, gpt2_files):
+    from megatron_ext.tokenizer import build_tokenizer
+    from tools.hf_mapping import TOKENIZER_PROBE, export_tokenizer
+
+    files = {"vocab_file": gpt2_files["encoder.json"], "merge_file": gpt2_files["vocab.bpe"]}
+    ours = build_tokenizer("GPT2BPETokenizer", **files)
+    saved = argparse.Namespace(tokenizer_type="GPT2BPETokenizer", max_position_embeddings=64, **files)
+    record = export_tokenizer(saved, str(tmp_path), ours.eod)
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(record["files"])
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert theirs.encode(TOKENIZER_PROBE, add_special_tokens=False) == list(ours.tokenize(TOKENIZER_PROBE))
+    assert theirs.decode(ours.tokenize(TOKENIZER_PROBE)) == TOKENIZER_PROBE

@@ -13,6 +13,7 @@ Everything else is a rename. `transformers` and `safetensors` come from the `eva
 imported only by `require_hf`, so training never needs them.
 """
 import argparse
+import json
 import os
 import socket
 import warnings
@@ -222,10 +223,10 @@ def export_tokenizer(saved, folder: str, eod: int) -> Dict:
                                 "training directory)")
         shutil.copyfile(saved.vocab_file, os.path.join(folder, "vocab.json"))
         shutil.copyfile(saved.merge_file, os.path.join(folder, "merges.txt"))
-        tok = transformers.GPT2Tokenizer(vocab_file=os.path.join(folder, "vocab.json"),
-                                         merges_file=os.path.join(folder, "merges.txt"),
-                                         add_prefix_space=False)
-        tok.save_pretrained(folder)
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+                       "model_max_length": saved.max_position_embeddings}, f)
+        transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
         return {"type": kind, "files": sorted(set(os.listdir(folder)) - before)}
     model = saved.tokenizer_model
     if not model or not os.path.isfile(model):
