@@ -65,7 +65,7 @@ def llama_config(model_args, vocab_size: int, eod, dtype: torch.dtype):
         num_key_value_heads=model_args.num_query_groups,
         head_dim=model_args.hidden_size // model_args.num_attention_heads,
         hidden_act="silu", max_position_embeddings=model_args.max_position_embeddings,
-        rms_norm_eps=model_args.norm_epsilon, rope_theta=float(model_args.rotary_base),
+        rms_norm_eps=model_args.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": float(model_args.rotary_base)},
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         bos_token_id=eod, eos_token_id=eod, pad_token_id=None, dtype=dtype)
