@@ -97,18 +97,24 @@ def latest_iteration(root: str):
 
 def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
     """Load the latest checkpoint under `root` into model (and optimizer); returns its extra state
-    (None when `root` has no checkpoint yet, so `--load` may point at a fresh `--save`)."""
+    (None when `root` has no checkpoint yet, so `--load` may point at a fresh `--save`, and for a
+    model-only checkpoint, whose run starts fresh from its weights)."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path):
         raise UserError(f"{root}: tracker names iteration {iteration} but {path} is missing")
+    extra = torch.load(os.path.join(path, STATE), weights_only=False)
+    if extra.get("model_only"):  # tools.import_hf: weights only; iteration, optimizer and data start fresh
+        model.load_state_dict(dist_checkpointing.load(sharded_state(model), path)["model"])
+        if optimizer is not None:
+            optimizer.reload_model_params()  # fp32 main copies of bf16/fp16 params
+        return None
     loaded = dist_checkpointing.load(sharded_state(model, optimizer if load_optimizer else None, is_loading=True), path)
     model.load_state_dict(loaded["model"])
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
-    extra = torch.load(os.path.join(path, STATE), weights_only=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if extra.get("world_size") == _world_size() and os.path.exists(rng_file):
