@@ -13,6 +13,8 @@ import numpy as np
 from megatron_ext.errors import UserError
 from megatron_ext.surrogate import Surrogate
 
+TOLERANCE = 1e-9  # slack in every comparison of a float with a bound (sums differ in the last bits across CPUs)
+
 
 @dataclass
 class SearchConfig:
@@ -51,8 +53,7 @@ def project_to_caps(W: np.ndarray, caps: np.ndarray) -> np.ndarray:
     Rows that cannot sum to 1 under the caps come back with a sum < 1 (the caller drops them)."""
     W = W.copy()
     for _ in range(W.shape[1]):
-        over = W > caps
-        if not over.any():
+        if not (W > caps).any():
             break
         W = np.minimum(W, caps)
         free = (W < caps) & (W > 0)
@@ -87,7 +88,7 @@ def check_search(surrogate: Surrogate, cfg: SearchConfig, prior: np.ndarray, bud
         if t not in surrogate.targets:
             raise UserError(f"objective {t!r} is not a fitted target ({', '.join(surrogate.targets)})")
     total = np.where(prior > 0, budgets, 0).sum()
-    if total < cfg.target_tokens:
+    if total < cfg.target_tokens * (1 - TOLERANCE):
         names = ", ".join(d for d, p in zip(surrogate.domains, prior) if p > 0)
         raise UserError(f"infeasible: the token budgets of all usable domains ({names}) total {total:.4g} "
                         f"tokens < --target-tokens {cfg.target_tokens:.4g}")
@@ -101,19 +102,22 @@ def segment_caps(budgets: np.ndarray, used: np.ndarray, prior: np.ndarray, targe
     `budgets`/`used`: tokens per domain (inf = unlimited); `lengths`: this segment's length and every
     later one's, as fractions of the run. With max_change, a domain can only ramp down by max_change/2
     per later segment, so its cap leaves room for that glide path (otherwise a greedy segment could
-    spend a budget that the next segments cannot leave fast enough). Excluded domains (prior 0) get 0."""
+    spend a budget that the next segments cannot leave fast enough). All budget-limited domains may have to
+    ramp down at once, so each gets an equal share of the max-change: max_change / (2 · their number).
+    Excluded domains (prior 0) get 0."""
     lengths = np.asarray(lengths, float)
     remaining = np.maximum(budgets - used, 0.0) / (lengths[0] * target_tokens)
     later = lengths[1:] / lengths[0]
     if max_change is None or len(later) == 0:
         cap = remaining
     else:
-        steps = max_change / 2 * np.arange(1, len(later) + 1)
+        limited = max(1, int((np.isfinite(budgets) & (prior > 0)).sum()))
+        steps = max_change / (2 * limited) * np.arange(1, len(later) + 1)
         lo, hi = np.zeros_like(remaining), np.minimum(remaining, 1.0)
-        for _ in range(60):  # bisection: need(w) = w + sum_k len_k · max(0, w - k·max_change/2) is increasing
+        for _ in range(60):  # bisection: need(w) = w + sum_k len_k · max(0, w - k·step) is increasing
             mid = (lo + hi) / 2
             need = mid + (np.clip(mid[:, None] - steps[None, :], 0, None) * later[None, :]).sum(1)
-            ok = need <= remaining
+            ok = need <= remaining * (1 + TOLERANCE)
             lo, hi = np.where(ok, mid, lo), np.where(ok, hi, mid)
         cap = np.where(np.isinf(remaining), np.inf, lo)
     return np.where(prior > 0, cap, 0.0)
@@ -139,7 +143,7 @@ def search_segment(surrogate: Surrogate, cfg: SearchConfig, prior: np.ndarray, r
         # the nearest mixture within this segment's caps; candidates are pulled towards it
         anchor = project_to_caps(np.asarray(previous, float)[None], caps)[0]
         radius = cfg.max_change - np.abs(anchor - previous).sum()
-        if radius < 0 or abs(anchor.sum() - 1) > 1e-9:
+        if radius < -TOLERANCE or abs(anchor.sum() - 1) > TOLERANCE:
             d = surrogate.domains[int(np.argmax(previous - caps))]
             raise UserError(f"infeasible at progress {progress:.4g}: domain {d!r} has to drop by more than "
                             f"--max-change {cfg.max_change} because its token budget is spent")
@@ -150,8 +154,8 @@ def search_segment(surrogate: Surrogate, cfg: SearchConfig, prior: np.ndarray, r
         W = project_to_caps(dirichlet(rng, cfg.alpha * prior, n), caps)
         if limited:  # convex combinations with the anchor stay within the caps and the max-change
             dist = np.abs(W - anchor).sum(1, keepdims=True)
-            W = anchor + np.minimum(1.0, radius / np.maximum(dist, 1e-300)) * (W - anchor)
-        W = W[np.abs(W.sum(1) - 1) < 1e-9]
+            W = anchor + np.minimum(1.0, max(radius, 0.0) / np.maximum(dist, 1e-300)) * (W - anchor)
+        W = W[np.abs(W.sum(1) - 1) < TOLERANCE]
         if not len(W):
             continue
         pred = predict_objective(surrogate, objective, progress, W, history, state)

@@ -104,25 +104,44 @@ class Ridge:
         return Z @ np.asarray(self.coef) + self.intercept
 
 
+MODELS = ("first-drop", "reference")
+
+
+def sha256_file(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def sha256_files(paths) -> str:
     h = hashlib.sha256()
     for p in paths:
-        with open(p, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
+        h.update(bytes.fromhex(sha256_file(p)))
     return h.hexdigest()
 
 
 class Surrogate:
     """Fitted models per target plus the metadata the search needs (domains, grid, features, prior data).
 
-    meta keys the search and the controller read: mode, domains, targets, objective, features, has_state,
-    predict_drop, first_stage, stages (K), grid ([t_1..t_K], fractions of the run; static: [1.0]),
-    initial_loss ({target: the proxies' mean loss at t_1}), mean_mixture, proxies,
-    proxy_nonembedding_params (int or None)."""
+    meta keys the search and the controller read: mode, model, domains, targets, objective, features,
+    has_state, predict_drop, first_stage, stages (K), grid ([t_1..t_K], fractions of the run; static:
+    [1.0]), initial_loss ({target: the proxies' mean loss at t_1}), mean_mixture, proxies,
+    proxy_nonembedding_params (int or None).
 
-    def __init__(self, meta: dict, boosters: dict, ridges: dict):
+    Models (`meta["model"]`): `reference` (the paper, and every static surrogate): one LightGBM per
+    target, l_{l+1} = f(t_l, m, [cum], l_l) (`boosters`; `ridges` is the ridge baseline beside it).
+    `first-drop`: the loss at t_1 from the first segment's mixture (`first_ridges` + `first_boosters`
+    on the ridge's residuals), then each transition's drop l_{l+1} − l_l (`ridges` + `boosters` on the
+    residuals). Rows whose loss state is NaN (progress 0: nothing observed yet) go to the first model."""
+
+    def __init__(self, meta: dict, boosters: dict, ridges: dict, first_boosters: dict | None = None,
+                 first_ridges: dict | None = None):
         self.meta, self.boosters, self.ridges = meta, boosters, ridges
+        self.first_boosters, self.first_ridges = first_boosters or {}, first_ridges or {}
         self.threads = 1  # LightGBM prediction threads (the search raises it)
+
+    @property
+    def model(self) -> str:
+        return self.meta.get("model", "reference")
 
     @property
     def domains(self) -> list[str]:
@@ -153,61 +172,142 @@ class Surrogate:
     def encode(self, progress, W: np.ndarray, history: np.ndarray | None) -> np.ndarray:
         return encode_features(self.common_features, self.domains, progress, W, history)
 
+    def _lgbm(self, booster, X: np.ndarray) -> np.ndarray:
+        return booster.predict(X, num_threads=self.threads)
+
     def predict(self, target: str, X: np.ndarray, state=None, kind: str = "lgbm") -> np.ndarray:
-        """X: common features [n, F]; state: the target's loss at the start (trajectory surrogates with a state)."""
+        """X: common features [n, F]; state: the target's loss at the start ([n] or a scalar; NaN: unknown).
+
+        kind "lgbm" is the fitted model; "ridge" its ridge baseline (first-drop: the ridge parts alone)."""
         if target not in self.targets:
             raise UserError(f"the surrogate has no target {target!r}; it has: {', '.join(self.targets)}")
+        X = np.asarray(X, float)
+        if self.model == "first-drop":
+            state = np.broadcast_to(np.asarray(state, float).reshape(-1), (len(X),))
+            first = np.isnan(state)
+            out = np.empty(len(X))
+            Xs = np.hstack([X, state[:, None]])
+            if (~first).any():
+                rows = Xs[~first]
+                out[~first] = state[~first] + self.ridges[target].predict(rows) + (
+                    self._lgbm(self.boosters[target], rows) if kind == "lgbm" else 0.0)
+            if first.any():
+                rows = X[first]
+                out[first] = self.first_ridges[target].predict(rows) + (
+                    self._lgbm(self.first_boosters[target], rows) if kind == "lgbm" else 0.0)
+            return out
         if self.meta["has_state"]:
             state = np.broadcast_to(np.asarray(state, float).reshape(-1), (len(X),))
             X = np.hstack([X, state[:, None]])
-        if kind == "lgbm":
-            out = self.boosters[target].predict(X, num_threads=self.threads)
-        else:
-            out = self.ridges[target].predict(X)
+        out = self._lgbm(self.boosters[target], X) if kind == "lgbm" else self.ridges[target].predict(X)
         return out + state if self.meta.get("predict_drop") else out
 
     def predict_next(self, target: str, progress: float, W: np.ndarray, history: np.ndarray | None,
                      state=None, kind: str = "lgbm") -> np.ndarray:
         """The target's loss at the grid point after `progress` for mixtures W [n, D] run from `progress`,
         given the cumulative mixture `history` over [0, progress) and the loss `state` at `progress`
-        (NaN: unknown). Static surrogates ignore progress, history and state."""
+        (NaN: unknown, e.g. at progress 0). Static surrogates ignore progress, history and state."""
         return self.predict(target, self.encode(progress, W, history), state, kind)
 
     def start_state(self, targets=None) -> dict:
-        """The offline rollout's loss at t_1 per target: the proxies' mean (the paper); NaN when the
-        surrogate models stage 0 itself (`first_stage`: the search starts at progress 0, loss unknown)."""
+        """Where the offline rollout starts: {target: loss at t_1} = the proxies' mean (the paper), or NaN
+        at progress 0 when the surrogate models the first segment itself (the search then chooses it)."""
         targets = targets or self.targets
         if self.meta.get("first_stage"):
             return {t: float("nan") for t in targets}
         return {t: float(self.meta["initial_loss"].get(t, np.nan)) for t in targets}
 
-    def save(self, out: str) -> None:
-        """Models first, meta.json last (its presence marks a complete surrogate); every file atomically."""
-        os.makedirs(out, exist_ok=True)
-        files = []
+    def rollout(self, target: str, starts, weights, kind: str = "lgbm") -> np.ndarray:
+        """Predicted losses at t_1..t_K for one schedule (stage starts, weights [S, D]), each transition fed
+        the loss predicted for its start, from `start_state` (what the offline search does)."""
+        points = [0.0] + list(self.grid)
+        loss = self.start_state([target])[target]
+        out = []
+        for l in range(len(self.grid)):
+            a, b = points[l], points[l + 1]
+            if l or self.meta.get("first_stage"):
+                history = piecewise_average(starts, weights, 0.0, a) if l else None
+                segment = piecewise_average(starts, weights, a, b)[None]
+                loss = float(self.predict_next(target, a, segment, history, loss, kind)[0])
+            out.append(loss)
+        return np.array(out)
+
+    # ------------------------------------------------------------ files
+
+    def _model_strings(self) -> dict:
+        """{file name: LightGBM model text} in target order."""
+        files = {}
         for i, target in enumerate(self.targets):
-            name = f"lgbm_{i:02d}.txt"
-            atomic_write(os.path.join(out, name), self.boosters[target].model_to_string())
-            files.append(name)
-        ridges = {t: asdict(r) for t, r in self.ridges.items()}
-        atomic_write(os.path.join(out, "ridge.json"), json.dumps(ridges, indent=1))
-        meta = dict(self.meta, model_files=files)
+            files[f"lgbm_{i:02d}.txt"] = self.boosters[target].model_to_string()
+            if self.first_boosters:
+                files[f"first_{i:02d}.txt"] = self.first_boosters[target].model_to_string()
+        return files
+
+    def save(self, out: str) -> None:
+        """Models first, meta.json last (its presence marks a complete surrogate); every file atomically.
+        meta.json records each model file's sha256 and tree count, checked by `load`."""
+        os.makedirs(out, exist_ok=True)
+        files = self._model_strings()
+        ridge_files = {"ridge.json": self.ridges}
+        if self.first_ridges:
+            ridge_files["first_ridge.json"] = self.first_ridges
+        for name, text in files.items():
+            atomic_write(os.path.join(out, name), text)
+        for name, ridges in ridge_files.items():
+            atomic_write(os.path.join(out, name), json.dumps({t: asdict(r) for t, r in ridges.items()}, indent=1))
+        boosters = {**{f"lgbm_{i:02d}.txt": self.boosters[t] for i, t in enumerate(self.targets)},
+                    **{f"first_{i:02d}.txt": self.first_boosters[t] for i, t in enumerate(self.targets)
+                       if self.first_boosters}}
+        meta = dict(self.meta, model_files=[n for n in files if n.startswith("lgbm_")],
+                    first_model_files=[n for n in files if n.startswith("first_")],
+                    trees={n: boosters[n].num_trees() for n in files},
+                    files_sha256={n: sha256_file(os.path.join(out, n)) for n in [*files, *ridge_files]})
         atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
         self.meta = meta
 
     @classmethod
     def load(cls, folder: str) -> "Surrogate":
+        """Read a surrogate folder; any missing, altered, truncated or unparsable file is one UserError."""
         import lightgbm as lgb
         meta_path = os.path.join(folder, "meta.json")
         if not os.path.isfile(meta_path):
             raise UserError(f"{folder}: not a surrogate folder (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(os.path.join(folder, "ridge.json")) as f:
-            ridges = {t: Ridge(**r) for t, r in json.load(f).items()}
-        boosters = {t: lgb.Booster(model_file=os.path.join(folder, name))
-                    for t, name in zip(meta["targets"], meta["model_files"])}
-        surrogate = cls(meta, boosters, ridges)
-        surrogate.meta["sha256"] = sha256_files([meta_path, os.path.join(folder, "ridge.json")] +
-                                                [os.path.join(folder, n) for n in meta["model_files"]])
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            sums = meta["files_sha256"]
+            names = list(meta["model_files"]) + list(meta.get("first_model_files", []))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"{meta_path}: not a surrogate's meta.json (unreadable, or written by an older "
+                            "tools.fit without file checksums: refit)") from None
+        for name, digest in sums.items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: missing (the surrogate folder is incomplete)")
+            if sha256_file(path) != digest:
+                raise UserError(f"{path}: sha256 differs from meta.json (the file was changed or truncated)")
+
+        def ridges(name):
+            with open(os.path.join(folder, name)) as f:
+                return {t: Ridge(**r) for t, r in json.load(f).items()}
+
+        def booster(name):
+            path = os.path.join(folder, name)
+            if name not in sums:
+                raise UserError(f"{path}: no checksum in meta.json")
+            try:
+                b = lgb.Booster(model_file=path)
+            except lgb.basic.LightGBMError as exc:
+                raise UserError(f"{path}: not a LightGBM model ({str(exc).splitlines()[0]})") from None
+            probe = b.predict(np.zeros((1, b.num_feature())), num_threads=1)
+            if b.num_trees() != meta["trees"][name] or not np.isfinite(probe).all():
+                raise UserError(f"{path}: {b.num_trees()} trees, meta.json says {meta['trees'][name]}, "
+                                f"or a non-finite prediction: damaged model")
+            return b
+
+        targets = meta["targets"]
+        surrogate = cls(meta, {t: booster(n) for t, n in zip(targets, meta["model_files"])}, ridges("ridge.json"),
+                        {t: booster(n) for t, n in zip(targets, meta.get("first_model_files", []))},
+                        ridges("first_ridge.json") if "first_ridge.json" in sums else None)
+        surrogate.meta["sha256"] = sha256_files([meta_path] + [os.path.join(folder, n) for n in sorted(sums)])
         return surrogate

@@ -115,8 +115,18 @@ def test_trajectory_table_rows_follow_the_paper(tmp_path):
     assert np.allclose(table.state[run0][1:], table.Y[run0][:-1])
     ext = trajectory_table(str(tmp_path), stages=5, feats=TrajectoryFeatures(history=True, first_stage=True))
     assert len(ext.Y) == 6 * 5 and np.isnan(ext.state[ext.stage == 0]).all()
-    with pytest.raises(UserError, match="no evaluation near progress"):
-        trajectory_table(str(tmp_path), stages=7)
+    # the old nearest-point rule took 0.2 for 1/6; evaluations must lie exactly on the grid now
+    with pytest.raises(UserError, match=r"no evaluation at progress 0.166667 of the grid .* \(nearest: 0.1, 0.2\); "
+                                        r"--stages that fit every run: 2, 5, 10;"):
+        trajectory_table(str(tmp_path), stages=6)
+    uneven = trajectory_table(str(tmp_path), grid=[0.1, 0.3, 0.6, 1.0], targets=["target"])
+    rows = uneven.runs == "r0000"
+    assert uneven.stages == 4 and np.allclose(uneven.X[rows, 0], [0.1, 0.3, 0.6])
+    tenths = trajectory_table(str(tmp_path), stages=10, targets=["target"])
+    assert np.allclose(uneven.run_losses["r0000"][:, 0], tenths.run_losses["r0000"][[0, 2, 5, 9], 0])
+    for bad in ([0.5, 0.9], [0.5, 0.4, 1.0], [0.0, 1.0]):
+        with pytest.raises(UserError, match="--grid"):
+            trajectory_table(str(tmp_path), grid=bad)
     with pytest.raises(UserError, match="--predict-drop"):
         trajectory_table(str(tmp_path), stages=5, feats=TrajectoryFeatures(first_stage=True, predict_drop=True))
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_ext.errors import UserError
-from megatron_ext.mixture_search import (SearchConfig, check_search, search_prior, search_segment,
+from megatron_ext.mixture_search import (TOLERANCE, SearchConfig, check_search, search_prior, search_segment,
                                          segment_caps)
 from megatron_ext.schedule import MixtureSchedule
 from megatron_ext.surrogate import Surrogate, piecewise_average
@@ -58,7 +58,7 @@ def rollout(surrogate: Surrogate, cfg: SearchConfig, prior: np.ndarray, budgets:
         caps = segment_caps(budgets, used, prior, cfg.target_tokens, lengths[j:], cfg.max_change)
         if meta["mode"] == "trajectory" and j == 0 and not meta.get("first_stage"):
             w = prior  # the paper: segment 0 is the prior, its end loss the proxies' mean
-            over = np.flatnonzero(w > caps + 1e-12)
+            over = np.flatnonzero(w > caps * (1 + TOLERANCE) + TOLERANCE)
             if len(over):
                 d = surrogate.domains[over[0]]
                 raise UserError(f"infeasible: domain {d!r}: stage 0 (the prior) alone needs "

@@ -10,7 +10,7 @@ The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -102,6 +102,9 @@ class Table:
     proxies: int = 0
     data_sha256: str = ""
     predict_drop: bool = False  # models learn the change over the transition (label − loss_start)
+    model: str = "reference"    # "reference" (the paper; static) | "first-drop" (see megatron_ext.surrogate)
+    run_losses: dict = field(default_factory=dict)  # run → losses at t_1..t_K [K, targets] (trajectory)
+    schedules: dict = field(default_factory=dict)   # run → (stage starts [S], weights [S, D]) (trajectory)
 
     @property
     def has_state(self) -> bool:
@@ -114,7 +117,11 @@ class Table:
         return np.hstack([self.X[rows], self.state[rows, j:j + 1]])
 
     def label(self, j: int, rows=slice(None)) -> np.ndarray:
-        """What target j's model learns: the loss at the transition end, or its change with predict_drop."""
+        """What target j's model learns: the loss at the transition end, or its change with predict_drop
+        (first-drop: the change wherever the start loss is known, the loss itself on first-segment rows)."""
+        if self.model == "first-drop":
+            state = self.state[rows, j]
+            return np.where(np.isnan(state), self.Y[rows, j], self.Y[rows, j] - state)
         return self.Y[rows, j] - self.state[rows, j] if self.predict_drop else self.Y[rows, j]
 
     def feature_names(self) -> list[str]:
@@ -214,11 +221,48 @@ def read_sweep(sweep_dir: str) -> tuple[dict, dict, list[str]]:
     return trajectories, mixtures, domains
 
 
-def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = TrajectoryFeatures(),
-                     targets=None) -> Table:
-    """The transition rows on the grid t_l = l/K (each run's evaluation nearest to it, within 1/(4K))."""
-    if stages < 2:
-        raise UserError("--stages must be >= 2 for a trajectory surrogate (one stage: fit static CSVs)")
+GRID_TOLERANCE = 1e-6  # |evaluation progress − grid point| that counts as "on the grid"
+
+
+def check_grid(grid) -> np.ndarray:
+    """t_1 < ... < t_K = 1, all in (0, 1], K >= 2."""
+    grid = np.asarray(grid, float)
+    if len(grid) < 2 or not np.isfinite(grid).all() or grid[0] <= 0 or (np.diff(grid) <= 0).any() \
+            or abs(grid[-1] - 1) > GRID_TOLERANCE:
+        raise UserError(f"--grid {','.join(f'{t:g}' for t in grid)}: needs at least 2 increasing fractions "
+                        "in (0, 1], the last = 1")
+    return grid
+
+
+def grid_points(progress: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Index of the evaluation at each grid point (|Δprogress| <= GRID_TOLERANCE), or None if one is missing."""
+    nearest = np.abs(progress[None, :] - grid[:, None]).argmin(1)
+    return nearest if (np.abs(progress[nearest] - grid) <= GRID_TOLERANCE).all() else None
+
+
+def fitting_stages(progress_sets: list) -> list[int]:
+    """Every K in 2..20 whose uniform grid l/K lies on every run's evaluations."""
+    return [k for k in range(2, 21)
+            if all(grid_points(p, np.arange(1, k + 1) / k) is not None for p in progress_sets)]
+
+
+def trajectory_table(sweep_dir: str, stages: int | None = None, feats: TrajectoryFeatures = TrajectoryFeatures(),
+                     targets=None, grid=None, model: str = "reference") -> Table:
+    """The transition rows on the grid (`grid` t_1..t_K, or t_l = l/K for `stages` K): every run must have
+    an evaluation exactly (|Δprogress| <= 1e-6) at every grid point; transition l goes t_l → t_{l+1}.
+
+    model "first-drop" adds the first segment (0 → t_1, loss state NaN) and the history shares."""
+    if grid is None:
+        if stages is None or stages < 2:
+            raise UserError("--stages must be >= 2 for a trajectory surrogate (one stage: fit static CSVs)")
+        grid = np.arange(1, stages + 1) / stages
+    grid = check_grid(grid)
+    stages = len(grid)
+    if model == "first-drop":
+        if feats.predict_drop or feats.first_stage or not feats.loss_state:
+            raise UserError("--predict-drop, --first-stage and --no-loss-state are variants of --model reference; "
+                            "first-drop already models the first segment and the drop")
+        feats = TrajectoryFeatures(history=True, first_stage=True)
     if feats.predict_drop and (feats.first_stage or not feats.loss_state):
         raise UserError("--predict-drop needs the loss state and cannot be combined with --first-stage "
                         "(the loss at progress 0 is unknown)")
@@ -229,22 +273,26 @@ def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = Tr
     if unknown:
         raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(all_targets)}")
     cols = [all_targets.index(t) for t in targets]
-    grid = np.arange(1, stages + 1) / stages
     names = feature_names(domains, "trajectory", feats.history)
+    points = np.concatenate([[0.0], grid])
     X, S, Y, runs, stage = [], [], [], [], []
-    first = []
+    run_losses = {}
     for run, (progress, losses, target) in trajectories.items():
         values = np.column_stack([target, losses])[:, cols]  # [evals, targets]
-        nearest = np.abs(progress[None, :] - grid[:, None]).argmin(1)
-        off = np.abs(progress[nearest] - grid)
-        if (off > 0.25 / stages).any():
-            raise UserError(f"run {run!r} has no evaluation near progress {grid[off.argmax()]:.4g} "
-                            f"(needed for {stages} stages)")
-        at = values[nearest]  # [K, targets]: losses at t_1..t_K
+        at = grid_points(progress, grid)
+        if at is None:
+            missing = grid[[grid_points(progress, grid[i:i + 1]) is None for i in range(stages)]][0]
+            near = np.sort(progress[np.argsort(np.abs(progress - missing))[:2]])
+            fit = fitting_stages([p for p, _, _ in trajectories.values()])
+            raise UserError(f"run {run!r} has no evaluation at progress {missing:.6g} of the grid "
+                            f"{','.join(f'{t:.4g}' for t in grid)} (nearest: {', '.join(f'{p:.6g}' for p in near)}); "
+                            f"--stages that fit every run: {', '.join(map(str, fit)) or 'none'}; "
+                            "or --grid t_1,...,t_K at evaluated fractions")
+        at = values[at]  # [K, targets]: losses at t_1..t_K
         starts, W = mixtures[run]
-        first.append(at[0])
+        run_losses[run] = at
         for l in range(0 if feats.first_stage else 1, stages):
-            a, b = l / stages, (l + 1) / stages
+            a, b = points[l], points[l + 1]
             history = piecewise_average(starts, W, 0.0, a) if l else None
             X.append(encode_features(names, domains, a, piecewise_average(starts, W, a, b)[None], history)[0])
             S.append(at[l - 1] if l else np.full(len(cols), np.nan))
@@ -255,8 +303,9 @@ def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = Tr
     return Table(mode="trajectory", domains=domains, targets=targets, features=names, X=np.array(X),
                  state=np.array(S) if feats.loss_state else None, Y=np.array(Y), runs=np.array(runs),
                  stage=np.array(stage), stages=stages, grid=grid.tolist(),
-                 initial_loss=dict(zip(targets, np.mean(first, axis=0).tolist())), mean_mixture=mean_mix.tolist(),
-                 proxies=len(trajectories), predict_drop=feats.predict_drop,
+                 initial_loss=dict(zip(targets, np.mean(list(run_losses.values()), axis=0)[0].tolist())),
+                 mean_mixture=mean_mix.tolist(), proxies=len(trajectories), predict_drop=feats.predict_drop,
+                 model=model, run_losses=run_losses, schedules=mixtures,
                  data_sha256=sha256_files([os.path.join(sweep_dir, "trajectories.csv"),
                                            os.path.join(sweep_dir, "mixtures.csv")]))
 
@@ -301,9 +350,15 @@ class LGBMSettings:
                 "deterministic": True, "force_col_wise": True, "verbosity": -1}
 
 
+    def for_rows(self, rows: int) -> "LGBMSettings":
+        """Settings for a fit on `rows` rows: min_data_in_leaf at most a tenth of them (at least 2), so a small
+        sweep or a CV fold still grows trees (with 20 per leaf and < 40 rows LightGBM fits a constant)."""
+        return replace(self, min_data_in_leaf=min(self.min_data_in_leaf, max(2, rows // 10)))
+
+
 def fit_lgbm(X: np.ndarray, y: np.ndarray, settings: LGBMSettings):
     import lightgbm as lgb
-    return lgb.train(settings.params(), lgb.Dataset(X, y, params={"verbosity": -1}))
+    return lgb.train(settings.for_rows(len(y)).params(), lgb.Dataset(X, y, params={"verbosity": -1}))
 
 
 @dataclass
@@ -330,32 +385,169 @@ def metrics(pred: np.ndarray, obs: np.ndarray) -> dict:
             "mae": float(np.abs(pred - obs).mean()), "n": int(len(obs))}
 
 
+def is_constant(pred: np.ndarray) -> bool:
+    return len(pred) > 1 and float(np.ptp(pred)) <= 1e-12 * max(1.0, float(np.abs(pred).max()))
+
+
+def fit_surrogate(table: Table, cfg: FitConfig, extra_meta: dict | None = None, rows=None,
+                  strict: bool = True) -> Surrogate:
+    """The table's model per target on `rows` (default: all), with the metadata the search and the controller
+    read. A model that predicts one constant on its own training rows is a UserError when `strict`, else
+    listed in meta["constant"] (cross-validation folds)."""
+    rows = np.arange(len(table.Y)) if rows is None else np.asarray(rows)
+    boosters, ridges, first_boosters, first_ridges, constant = {}, {}, {}, {}, []
+    first = rows[table.stage[rows] == 0] if table.model == "first-drop" else rows[:0]
+    later = rows[table.stage[rows] > 0] if table.model == "first-drop" else rows
+    for j, target in enumerate(table.targets):
+        if table.model == "first-drop":
+            # ridge base + LightGBM on its residuals, for the first segment's loss and for each drop
+            for part, part_rows, ridge_out, booster_out in (("first segment", first, first_ridges, first_boosters),
+                                                            ("transitions", later, ridges, boosters)):
+                X = table.X[part_rows] if part == "first segment" else table.design(j, part_rows)
+                y = table.label(j, part_rows)
+                ridge_out[target] = Ridge.fit(X, y, cfg.ridge_alpha)
+                base = ridge_out[target].predict(X)
+                booster_out[target] = fit_lgbm(X, y - base, cfg.lgbm)
+                if is_constant(base + booster_out[target].predict(X)):
+                    constant.append(f"{target} ({part}, {len(y)} rows)")
+        else:
+            X, y = table.design(j, rows), table.label(j, rows)
+            boosters[target] = fit_lgbm(X, y, cfg.lgbm)
+            ridges[target] = Ridge.fit(X, y, cfg.ridge_alpha)
+            if is_constant(boosters[target].predict(X)):
+                constant.append(f"{target} ({len(y)} rows)")
+    if constant and strict:
+        raise UserError(f"LightGBM fitted a constant model for {', '.join(constant)}: too few rows or labels "
+                        "that do not vary; collect more proxies or lower --min-data-in-leaf")
+    used = sorted(set(table.runs[rows].tolist()))
+    initial = table.initial_loss
+    if table.run_losses:  # the rollout's start: the mean loss at t_1 of the runs fitted on
+        initial = dict(zip(table.targets, np.mean([table.run_losses[r][0] for r in used], axis=0).tolist()))
+    min_leaf = {"first segment": cfg.lgbm.for_rows(len(first)).min_data_in_leaf,
+                "transitions": cfg.lgbm.for_rows(len(later)).min_data_in_leaf}
+    meta = {"version": 2, "mode": table.mode, "model": table.model, "domains": table.domains,
+            "targets": table.targets, "features": table.feature_names(), "has_state": table.has_state,
+            "predict_drop": table.predict_drop,
+            "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
+            "stages": table.stages, "grid": list(table.grid), "proxies": len(used), "rows": int(len(rows)),
+            "initial_loss": initial, "mean_mixture": table.mean_mixture,
+            "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
+            "lgbm_min_data_in_leaf_used": min_leaf if table.model == "first-drop" else min_leaf["transitions"],
+            "ridge_alpha": cfg.ridge_alpha, "proxy_nonembedding_params": None, "constant": constant,
+            **(extra_meta or {})}
+    return Surrogate(meta, boosters, ridges, first_boosters, first_ridges)
+
+
+def static_features(table: Table, runs) -> np.ndarray:
+    """Each run's token-weighted (time-averaged) mixture over the whole run: the static model's input."""
+    return np.array([piecewise_average(*table.schedules[r], 0.0, 1.0) for r in runs])
+
+
 def cross_validate(table: Table, cfg: FitConfig) -> dict:
-    """Out-of-fold predictions of both model kinds; metrics per target, overall and per transition."""
+    """Grouped K-fold CV (all of a run in one fold), the fitted model refitted per fold.
+
+    Per target: one-step metrics of the model and its ridge baseline (overall and per transition); for
+    trajectory tables also `persistence` (l_l + the training folds' mean drop of that transition),
+    `rollout` (each held-out run's final loss, rolled out over its own schedule from the search's start)
+    and `static` / `static_ridge` (a static LightGBM / ridge fit of the run's time-averaged mixture →
+    final loss on the same folds)."""
     folds = grouped_folds(table.runs, cfg.folds, cfg.cv_seed)
+    T = len(table.targets)
     oof = {kind: np.full(table.Y.shape, np.nan) for kind in MODEL_KINDS}
+    persistence = np.full(table.Y.shape, np.nan)
+    trajectory = table.mode == "trajectory"
+    run_ids = sorted(table.run_losses)
+    run_index = {r: i for i, r in enumerate(run_ids)}
+    final = np.array([table.run_losses[r][-1] for r in run_ids]) if trajectory else None
+    rollout = {kind: np.full((len(run_ids), T), np.nan) for kind in ("rollout", "static", "static_ridge")}
+    constant_folds = {t: 0 for t in table.targets}
     for train, test in folds:
-        for j in range(len(table.targets)):
-            Xtr, Xte = table.design(j, train), table.design(j, test)
-            offset = table.state[test, j] if table.predict_drop else 0.0  # metrics are on losses either way
-            oof["lgbm"][test, j] = fit_lgbm(Xtr, table.label(j, train), cfg.lgbm).predict(Xte) + offset
-            oof["ridge"][test, j] = Ridge.fit(Xtr, table.label(j, train), cfg.ridge_alpha).predict(Xte) + offset
-    report = {"folds": cfg.folds, "grouped_by": "run", "targets": {}}
+        s = fit_surrogate(table, cfg, rows=train, strict=False)
+        for c in s.meta["constant"]:
+            constant_folds[c.split(" (")[0]] += 1
+        for j, target in enumerate(table.targets):
+            state = table.state[test, j] if table.has_state else None
+            for kind in MODEL_KINDS:
+                oof[kind][test, j] = s.predict(target, table.X[test], state, kind)
+        if not trajectory:
+            continue
+        later = train[table.stage[train] > 0]
+        for l in np.unique(table.stage[test]):
+            if l == 0:
+                continue
+            rows = test[table.stage[test] == l]
+            drop = (table.Y[later] - table.state[later])[table.stage[later] == l].mean(0) if table.has_state else 0
+            persistence[rows] = (table.state[rows] if table.has_state else np.nan) + drop
+        train_runs, test_runs = sorted(set(table.runs[train])), sorted(set(table.runs[test]))
+        Xs_train, Xs_test = static_features(table, train_runs), static_features(table, test_runs)
+        idx_test = [run_index[r] for r in test_runs]
+        for j, target in enumerate(table.targets):
+            for r, i in zip(test_runs, idx_test):
+                rollout["rollout"][i, j] = s.rollout(target, *table.schedules[r])[-1]
+            y = final[[run_index[r] for r in train_runs], j]
+            rollout["static"][idx_test, j] = fit_lgbm(Xs_train, y, cfg.lgbm).predict(Xs_test)
+            rollout["static_ridge"][idx_test, j] = Ridge.fit(Xs_train, y, cfg.ridge_alpha).predict(Xs_test)
+    report = {"folds": cfg.folds, "grouped_by": "run", "model": table.model, "targets": {}}
     for j, target in enumerate(table.targets):
         entry = {}
         for kind in MODEL_KINDS:
             entry[kind] = {"all": metrics(oof[kind][:, j], table.Y[:, j]),
                            "per_stage": {str(s): metrics(oof[kind][table.stage == s, j], table.Y[table.stage == s, j])
                                          for s in np.unique(table.stage)}}
+        entry["constant_folds"] = constant_folds[target]
+        if trajectory:
+            known = ~np.isnan(persistence[:, j])
+            entry["persistence"] = short_metrics(persistence[known, j], table.Y[known, j])
+            entry["one_step"] = short_metrics(oof["lgbm"][known, j], table.Y[known, j])
+            for kind in ("rollout", "static", "static_ridge"):
+                entry[kind] = short_metrics(rollout[kind][:, j], final[:, j])
         report["targets"][target] = entry
     report["oof"] = {kind: oof[kind].tolist() for kind in MODEL_KINDS}
     return report
 
 
+def short_metrics(pred: np.ndarray, obs: np.ndarray) -> dict:
+    return {"spearman": spearman(pred, obs), "mae": float(np.abs(pred - obs).mean()) if len(obs) else float("nan"),
+            "n": int(len(obs))}
+
+
+def verdict(entry: dict) -> str:
+    """One plain sentence: does the trajectory model's rollout rank held-out runs at least as well as static?"""
+    r, s = entry["rollout"]["spearman"], entry["static"]["spearman"]
+    if not np.isfinite(r) or not np.isfinite(s):
+        return "too few runs to compare the rollout with the static fit"
+    if r >= s:
+        return f"the rollout ranks held-out runs at least as well as the static fit ({r:.4f} >= {s:.4f})"
+    return f"the trajectory model does NOT beat the static fit: rollout Spearman {r:.4f} < static {s:.4f}"
+
+
 def cv_markdown(report: dict) -> str:
-    lines = [f"# Cross-validation ({report['folds']} folds grouped by run, no early stopping)", "",
-             "| target | stage | model | spearman | pearson | MAE | n |", "|---|---|---|---|---|---|---|"]
-    for target, entry in report["targets"].items():
+    lines = [f"# Cross-validation ({report['folds']} folds grouped by run, model {report.get('model', 'reference')}, "
+             "no early stopping)", ""]
+    entries = report["targets"]
+    if any("rollout" in e for e in entries.values()):
+        lines += ["## Final loss of held-out runs (what the search ranks)", "",
+                  "Rollout: each held-out run's own schedule rolled out from the search's start; static: its "
+                  "time-averaged mixture → final loss (LightGBM, ridge) on the same folds. One step: the next "
+                  "grid point's loss from the observed one, against persistence (observed + mean drop).", "",
+                  "| target | rollout ρ | rollout MAE | static ρ | static MAE | static ridge ρ | one-step MAE "
+                  "| persistence MAE | runs |", "|---|---|---|---|---|---|---|---|---|"]
+        for target, e in entries.items():
+            lines.append(f"| {target} | {e['rollout']['spearman']:.4f} | {e['rollout']['mae']:.4f} "
+                         f"| {e['static']['spearman']:.4f} | {e['static']['mae']:.4f} "
+                         f"| {e['static_ridge']['spearman']:.4f} | {e['one_step']['mae']:.4f} "
+                         f"| {e['persistence']['mae']:.4f} | {e['rollout']['n']} |")
+        lines.append("")
+        lines += [f"- {target}: {verdict(e)}." for target, e in entries.items()]
+        lines.append("")
+    flagged = [f"{t} ({e['constant_folds']} of {report['folds']} folds)" for t, e in entries.items()
+               if e["constant_folds"]]
+    if flagged:
+        lines += [f"**Warning: constant LightGBM models in CV folds for {', '.join(flagged)}: too few rows; "
+                  "their metrics are not results.**", ""]
+    lines += ["## One step (every row)", "", "| target | stage | model | spearman | pearson | MAE | n |",
+              "|---|---|---|---|---|---|---|"]
+    for target, entry in entries.items():
         for kind in MODEL_KINDS:
             rows = [("all", entry[kind]["all"])]
             if len(entry[kind]["per_stage"]) > 1:
@@ -364,26 +556,6 @@ def cv_markdown(report: dict) -> str:
                 lines.append(f"| {target} | {stage} | {kind} | {m['spearman']:.4f} | {m['pearson']:.4f} "
                              f"| {m['mae']:.4f} | {m['n']} |")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- the fitted surrogate
-
-def fit_surrogate(table: Table, cfg: FitConfig, extra_meta: dict | None = None) -> Surrogate:
-    """LightGBM + ridge per target on the whole table, with the metadata the search and controller read."""
-    boosters, ridges = {}, {}
-    for j, target in enumerate(table.targets):
-        X = table.design(j)
-        boosters[target] = fit_lgbm(X, table.label(j), cfg.lgbm)
-        ridges[target] = Ridge.fit(X, table.label(j), cfg.ridge_alpha)
-    meta = {"version": 1, "mode": table.mode, "domains": table.domains, "targets": table.targets,
-            "features": table.feature_names(), "has_state": table.has_state,
-            "predict_drop": table.predict_drop,
-            "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
-            "stages": table.stages, "grid": list(table.grid), "proxies": table.proxies, "rows": int(len(table.Y)),
-            "initial_loss": table.initial_loss, "mean_mixture": table.mean_mixture,
-            "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
-            "ridge_alpha": cfg.ridge_alpha, "proxy_nonembedding_params": None, **(extra_meta or {})}
-    return Surrogate(meta, boosters, ridges)
 
 
 def plot_predicted_vs_observed(table: Table, report: dict, path: str) -> None:
