@@ -295,14 +295,22 @@ class Surrogate:
             path = os.path.join(folder, name)
             if name not in sums:
                 raise UserError(f"{path}: no checksum in meta.json")
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+            # LightGBM aborts or segfaults on some damaged files and predicts 0.0 from a header alone:
+            # check the structure before it parses anything
+            trees = text.count("\nTree=")
+            if trees != meta["trees"][name] or "end of trees" not in text:
+                raise UserError(f"{path}: {trees} trees, meta.json says {meta['trees'][name]}, or no end of "
+                                "trees: damaged model")
             try:
-                b = lgb.Booster(model_file=path)
+                b = lgb.Booster(model_str=text)
             except lgb.basic.LightGBMError as exc:
                 raise UserError(f"{path}: not a LightGBM model ({str(exc).splitlines()[0]})") from None
             probe = b.predict(np.zeros((1, b.num_feature())), num_threads=1)
-            if b.num_trees() != meta["trees"][name] or not np.isfinite(probe).all():
-                raise UserError(f"{path}: {b.num_trees()} trees, meta.json says {meta['trees'][name]}, "
-                                f"or a non-finite prediction: damaged model")
+            if b.num_trees() != trees or not np.isfinite(probe).all():
+                raise UserError(f"{path}: {b.num_trees()} trees parsed of {trees}, or a non-finite prediction: "
+                                "damaged model")
             return b
 
         targets = meta["targets"]

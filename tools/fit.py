@@ -27,18 +27,11 @@ import numpy as np
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
-from tools.cli import run_main
 from megatron_ext.surrogate import MODELS, Surrogate
+from tools.cli import run_main
 from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, cv_markdown,
-                             fit_surrogate, plot_predicted_vs_observed, proxy_nonembedding_params,
+                             fit_surrogate, parse_grid, plot_predicted_vs_observed, proxy_nonembedding_params,
                              read_indexed_table, static_table, trajectory_table, verdict)
-
-
-def parse_grid(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",")]
-    except ValueError:
-        raise UserError(f"--grid {text}: comma-separated fractions expected, e.g. 0.1,0.3,0.6,1") from None
 
 
 def fit_parser() -> argparse.ArgumentParser:

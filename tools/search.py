@@ -1,14 +1,16 @@
 """Search a mixture schedule with a fitted surrogate and write it as `sched.json` (+ a stacked-area PNG).
 
-  python -m tools.search --surrogate DIR --out sched.json --stages K --target-tokens N --top-k 100 --seed S
-      [--tokens data/tok/tokens.json] [--max-epochs E] [--max-change D] [--exclude a,b]
+  python -m tools.search --surrogate DIR --out sched.json --target-tokens N [--stages K | --grid t1,..,tK]
+      [--top-k K] [--seed S] [--tokens data/tok/tokens.json] [--max-epochs E] [--max-change D] [--exclude a,b]
 
 Per stage, in order: draw candidates from Dirichlet(alpha · prior), keep those within the constraints,
 predict the objective with the surrogate conditioned on the chosen history (progress, cumulative shares,
 the loss predicted at the stage start), and average the top-k into the stage's mixture (RegMix). The
 predicted loss of that mixture is fed into the next stage (the paper's recursive offline rollout).
 Stage 0 is the prior (the paper) unless the surrogate models the first transition (`fit --first-stage`).
-`--stages 1` with a static surrogate is RegMix.
+Stages start at the surrogate's grid: 0, t_1, ..., t_{K-1}. `--stages 1` with a static surrogate is RegMix.
+Defaults follow the surrogate's model: `reference` (the paper) searches 100K candidates and averages the
+top 128; first-drop and static surrogates 1M candidates and the top 100 (RegMix).
 """
 import argparse
 import os
@@ -23,8 +25,16 @@ from megatron_ext.schedule import MixtureSchedule
 from megatron_ext.surrogate import Surrogate, piecewise_average
 from tools.cli import run_main
 from tools.mixture_sampler import token_shares
-from tools.surrogate import save_figure
+from tools.surrogate import parse_grid, save_figure
 from tools.sweep import load_tokens
+
+
+PAPER_DEFAULTS = {"candidates": 100_000, "top_k": 128}   # RegMix-D (the reference model)
+REGMIX_DEFAULTS = {"candidates": 1_000_000, "top_k": 100}
+
+
+def format_grid(grid) -> str:
+    return ",".join(f"{t:.6g}" for t in grid)
 
 
 @dataclass
@@ -45,8 +55,8 @@ def rollout(surrogate: Surrogate, cfg: SearchConfig, prior: np.ndarray, budgets:
     if meta["mode"] == "static" and cfg.stages != 1:
         raise UserError(f"a static surrogate gives one stage; --stages {cfg.stages} needs a trajectory surrogate")
     if meta["mode"] == "trajectory" and cfg.stages != meta["stages"]:
-        raise UserError(f"the surrogate was fitted for {meta['stages']} stages (fit --stages); "
-                        f"--stages {cfg.stages} differs")
+        raise UserError(f"the surrogate was fitted for {meta['stages']} stages on the grid "
+                        f"{format_grid(surrogate.grid)} (fit --stages/--grid); --stages {cfg.stages} differs")
     objective = check_search(surrogate, cfg, prior, budgets)
     rng = np.random.default_rng(cfg.seed)
     starts = surrogate.stage_starts if meta["mode"] == "trajectory" else [0.0]
@@ -86,10 +96,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--surrogate", required=True, help="folder written by tools.fit")
     p.add_argument("--out", required=True, help="sched.json to write (the PNG goes beside it)")
     p.add_argument("--stages", type=int, help="K stages (default: the surrogate's; static surrogates: 1)")
+    p.add_argument("--grid", help="t_1,...,t_K: must equal the surrogate's grid (a check; stages start there)")
     p.add_argument("--target-tokens", type=float, required=True, help="tokens of the target run")
-    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-k", type=int, help="candidates averaged per stage (default: 128 for a reference "
+                   "surrogate, the paper; else 100, RegMix)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--candidates", type=int, default=1_000_000, help="Dirichlet candidates per stage")
+    p.add_argument("--candidates", type=int, help="Dirichlet candidates per stage (default: 100000 for a "
+                   "reference surrogate, the paper; else 1000000)")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration = alpha × prior")
     p.add_argument("--prior", choices=("tokens", "mean", "uniform"),
                    help="Dirichlet centre and stage-0 mixture: token shares from --tokens (default when given), "
@@ -170,8 +183,14 @@ def main(argv=None) -> int:
     else:
         budgets = np.full(len(domains), np.inf)
     stages = args.stages or surrogate.stages
-    cfg = SearchConfig(stages=stages, target_tokens=args.target_tokens, top_k=args.top_k, seed=args.seed,
-                       candidates=args.candidates, alpha=args.alpha, max_change=args.max_change,
+    if args.grid:
+        grid = parse_grid(args.grid)
+        if len(grid) != len(surrogate.grid) or not np.allclose(grid, surrogate.grid, rtol=0, atol=1e-6):
+            raise UserError(f"--grid {format_grid(grid)} differs from the surrogate's grid {format_grid(surrogate.grid)}")
+    defaults = PAPER_DEFAULTS if surrogate.model == "reference" and surrogate.meta["mode"] == "trajectory" \
+        else REGMIX_DEFAULTS
+    cfg = SearchConfig(stages=stages, target_tokens=args.target_tokens, top_k=args.top_k or defaults["top_k"],
+                       seed=args.seed, candidates=args.candidates or defaults["candidates"], alpha=args.alpha, max_change=args.max_change,
                        objective=[t for t in args.objective.split(",") if t])
     result = rollout(surrogate, cfg, prior, budgets)
 
@@ -187,6 +206,7 @@ def main(argv=None) -> int:
         valid = [x for d in domains for x in (1, tokens["domains"][d]["valid_prefix"])]
     provenance = {"made_by": "tools/search", "surrogate": os.path.abspath(args.surrogate),
                   "surrogate_sha256": surrogate.meta["sha256"], "surrogate_mode": surrogate.meta["mode"],
+                  "surrogate_model": surrogate.model, "grid": surrogate.grid,
                   "proxies": surrogate.meta["proxies"], "objective": cfg.objective or [surrogate.meta["objective"]],
                   "predicted_loss": result.predicted, "searched": result.searched, "prior": prior_kind,
                   "alpha": cfg.alpha, "candidates": cfg.candidates, "top_k": cfg.top_k, "seed": cfg.seed,

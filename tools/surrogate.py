@@ -234,6 +234,14 @@ def check_grid(grid) -> np.ndarray:
     return grid
 
 
+def parse_grid(text: str) -> list[float]:
+    """The --grid flag of fit and search: comma-separated fractions."""
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"--grid {text}: comma-separated fractions expected, e.g. 0.1,0.3,0.6,1") from None
+
+
 def grid_points(progress: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
     """Index of the evaluation at each grid point (|Δprogress| <= GRID_TOLERANCE), or None if one is missing."""
     nearest = np.abs(progress[None, :] - grid[:, None]).argmin(1)
