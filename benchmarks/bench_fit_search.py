@@ -5,8 +5,8 @@
 1. fit: a synthetic sweep of R runs × 10 evaluations × 12 domains (13 targets: the target metric and each
    domain's loss), trajectory mode on 10 stages (9 transitions per run), LightGBM (RegMix settings) + ridge
    for every target; then the 5-fold grouped CV on the same table.
-2. search: 8 searched stages × C candidates per stage (12 domains; an 8-stage surrogate fitted with
-   --first-stage on R runs × 8 evaluations, so that stage 0 is searched too).
+2. search: 8 searched stages × C candidates per stage (12 domains; an 8-stage first-drop surrogate
+   on R runs × 8 evaluations, so that stage 0 is searched too).
 3. methods: true generator loss of the schedules searched by the reference mode and by the extensions,
    beside the generator's best static mixture (exhaustive grid) and the prior.
 """
@@ -61,7 +61,7 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
 
 def bench_search(folder: str, runs: int, candidates: int, threads: int) -> None:
     write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
-    table = trajectory_table(folder, stages=8, feats=TrajectoryFeatures(first_stage=True), targets=["target"])
+    table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
     surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
     surrogate.threads = threads
     prior = np.full(len(table.domains), 1 / len(table.domains))
@@ -85,14 +85,15 @@ def bench_methods(folder: str, candidates: int, threads: int) -> None:
           f"true final loss")
     print(f"  prior (uniform, static)          {synthetic_losses([0.0], prior[None, None], [1.0])[0][0, 0]:.4f}")
     print(f"  best static mixture (grid)       {static.min():.4f} at {grid[static[:, 0].argmin()]}")
-    variants = [("reference (paper: t, m, l)", TrajectoryFeatures(), ["target"]),
-                ("+ searched stage 0 (ours)", TrajectoryFeatures(first_stage=True), ["target"]),
-                ("+ history shares (ours)", TrajectoryFeatures(history=True), ["target"]),
-                ("predict the drop (ours)", TrajectoryFeatures(predict_drop=True), ["target"]),
-                ("no loss state (ours)", TrajectoryFeatures(loss_state=False), ["target"]),
-                ("objective: mean domain loss", TrajectoryFeatures(), ["easy", "hard", "filler"])]
-    for name, feats, objective in variants:
-        table = trajectory_table(folder, stages=5, feats=feats, targets=objective)
+    variants = [("first-drop (default)", TrajectoryFeatures(), ["target"], "first-drop"),
+                ("reference (paper: t, m, l)", TrajectoryFeatures(), ["target"], "reference"),
+                ("+ searched stage 0 (ours)", TrajectoryFeatures(first_stage=True), ["target"], "reference"),
+                ("+ history shares (ours)", TrajectoryFeatures(history=True), ["target"], "reference"),
+                ("predict the drop (ours)", TrajectoryFeatures(predict_drop=True), ["target"], "reference"),
+                ("no loss state (ours)", TrajectoryFeatures(loss_state=False), ["target"], "reference"),
+                ("objective: mean domain loss", TrajectoryFeatures(), ["easy", "hard", "filler"], "reference")]
+    for name, feats, objective, model in variants:
+        table = trajectory_table(folder, stages=5, feats=feats, targets=objective, model=model)
         surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)),
                                   {"objective": objective[0]})
         surrogate.threads = threads

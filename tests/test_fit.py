@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import pytest
 from megatron_ext.errors import UserError
 from megatron_ext.surrogate import Surrogate
 from tools import fit, search
+from tools.sweep import DEFAULT_COMMAND as SWEEP_COMMAND
 from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, fit_surrogate,
                              grouped_folds, spearman, static_table, trajectory_table)
 
@@ -312,3 +314,19 @@ def test_default_model_ranks_held_out_runs_at_least_as_well_as_static(tmp_path, 
     assert default["rollout"]["spearman"] >= default["static"]["spearman"] - 0.01
     assert default["rollout"]["spearman"] > reference["rollout"]["spearman"] + 0.02
     assert default["one_step"]["mae"] < default["persistence"]["mae"]
+
+
+def test_proxy_parameter_count_from_the_sweep(tmp_path):
+    """meta["proxy_nonembedding_params"] (the online controller's loss scaling) from runner.json."""
+    from tools.surrogate import proxy_nonembedding_params
+    sweep = tmp_path / "sweep"
+    shutil.copytree(os.path.join(ROOT, "tests", "data", "trajectories", "small_sweep"), sweep)
+    runner = json.loads((sweep / "runner.json").read_text())
+    assert proxy_nonembedding_params(str(sweep)) is None  # a runner.json without the launcher settings
+    runner.update(command=SWEEP_COMMAND, config="examples/proxy_1m.yaml", seed=1, save_interval=2, retries=0,
+                  tokenizer=["--tokenizer-type", "NullTokenizer", "--vocab-size", "128"],
+                  extra=["--lr-warmup-iters", "2"], cwd=ROOT)
+    (sweep / "runner.json").write_text(json.dumps(runner))
+    # 2 layers, hidden 256, 8 heads, FFN 512: 2 x (196,608 + 65,536 + 393,216 + 512) + 256 (checked once
+    # against megatron-core's GPTModel, embeddings and output layer left out)
+    assert proxy_nonembedding_params(str(sweep)) == 1_312_000

@@ -156,3 +156,24 @@ def test_static_regmix_search_on_real_data(tmp_path):
           f"(RegMix 1B published: 0.8701)")
     assert top == "train_the_pile_pile_cc" and weights[top] > 0.6
     assert cli("tools.schedule", "validate", "--no-check-files", out).returncode == 0
+
+
+def test_rollout_is_search_segment_stage_by_stage(synthetic_surrogate):
+    """What the online controller calls (megatron_ext, no tools import) gives the offline rollout's stages."""
+    from megatron_ext.mixture_search import SearchConfig, search_prior, search_segment, segment_caps
+    from megatron_ext.surrogate import Surrogate, piecewise_average
+    s = Surrogate.load(str(synthetic_surrogate))
+    prior = search_prior(np.ones(3), s.domains)
+    budgets = np.full(3, np.inf)
+    cfg = SearchConfig(stages=5, target_tokens=1e6, top_k=10, seed=3, candidates=500)
+    result = search.rollout(s, cfg, prior, budgets)
+    rng, weights, state = np.random.default_rng(3), [], s.start_state(["target"])
+    lengths = np.diff(s.stage_starts + [1.0])
+    for j, progress in enumerate(s.stage_starts):
+        caps = segment_caps(budgets, np.zeros(3), prior, cfg.target_tokens, lengths[j:], None)
+        history = piecewise_average(s.stage_starts[:j], weights, 0.0, progress) if j else None
+        seg = search_segment(s, cfg, prior, rng, progress=progress, history=history, state=state, caps=caps,
+                             previous=weights[-1] if weights else None)
+        weights.append(seg.weights)
+        state = seg.predicted
+        assert np.allclose(seg.weights, result.weights[j]) and np.isclose(seg.loss, result.predicted[j])

@@ -115,6 +115,11 @@ def cmd_fit(args) -> int:
                                       num_leaves=args.num_leaves, min_data_in_leaf=args.min_data_in_leaf,
                                       seed=args.seed, num_threads=args.threads))
     surrogate = fit_surrogate(table, cfg, {"objective": objective, "source": source, **extra})
+    used = surrogate.meta["lgbm_min_data_in_leaf_used"]
+    for part, leaf in (used.items() if isinstance(used, dict) else [("model", used)]):
+        if leaf < cfg.lgbm.min_data_in_leaf:
+            print(f"note: LightGBM min_data_in_leaf {cfg.lgbm.min_data_in_leaf} -> {leaf} for the {part} "
+                  "(a tenth of its rows: fewer rows would fit a constant)", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if args.folds:
         report = cross_validate(table, cfg)

@@ -16,8 +16,8 @@ import numpy as np
 
 from megatron_ext.atomic import atomic_path
 from megatron_ext.errors import UserError
-from megatron_ext.surrogate import (Ridge, Surrogate, encode_features, feature_names, piecewise_average,
-                                    sha256_files)
+from megatron_ext.surrogate import (Ridge, Surrogate, encode_features, feature_names, nonembedding_parameters,
+                                    piecewise_average, sha256_files)
 
 MODEL_KINDS = ("lgbm", "ridge")
 
@@ -322,11 +322,10 @@ def proxy_nonembedding_params(sweep_dir: str) -> int | None:
     """The proxies' non-embedding parameter count from the sweep's runner.json (its launcher config and
     flags, parsed by the launcher's own parser); None when the sweep does not say (e.g. a custom command
     or CSVs without a sweep around them)."""
-    from megatron_ext.arguments import parse_args
-    from megatron_ext.surrogate import nonembedding_parameters
     from tools.sweep import RUNNER_JSON, RUNS, RunSettings, read_json, run_command, run_ids
     if read_json(os.path.join(sweep_dir, RUNNER_JSON)) is None:
         return None
+    from megatron_ext.arguments import parse_args  # imports megatron-core: only when there is a runner.json
     try:
         settings = RunSettings.load(sweep_dir)
         if settings.config and not os.path.isabs(settings.config):
