@@ -330,3 +330,11 @@ def test_proxy_parameter_count_from_the_sweep(tmp_path):
     # 2 layers, hidden 256, 8 heads, FFN 512: 2 x (196,608 + 65,536 + 393,216 + 512) + 256 (checked once
     # against megatron-core's GPTModel, embeddings and output layer left out)
     assert proxy_nonembedding_params(str(sweep)) == 1_312_000
+
+
+def test_cv_says_plainly_when_static_wins():
+    from tools.surrogate import verdict
+    worse = {"rollout": {"spearman": 0.71}, "static": {"spearman": 0.9}}
+    assert "does NOT beat the static fit: rollout Spearman 0.7100 < static 0.9000" in verdict(worse)
+    assert "at least as well" in verdict({"rollout": {"spearman": 0.95}, "static": {"spearman": 0.9}})
+    assert "too few runs" in verdict({"rollout": {"spearman": float("nan")}, "static": {"spearman": 0.9}})
