@@ -82,26 +82,36 @@ def nonembedding_parameters(num_layers: int, hidden_size: int, num_attention_hea
 
 @dataclass
 class Ridge:
-    """Standardized closed-form ridge; NaN inputs (an unknown loss state) are replaced by the training mean."""
+    """Standardized closed-form ridge; NaN inputs (an unknown loss state) are replaced by the training mean.
+
+    With `bounded`, inputs are clipped to the training rows' range before predicting: a linear model
+    fitted on a few proxies otherwise extrapolates without limit (a domain weight that barely varied in
+    training is many standard deviations out for a new mixture); trees never leave the range."""
     mean: list
     scale: list
     coef: list
     intercept: float
+    low: list | None = None
+    high: list | None = None
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, alpha: float) -> "Ridge":
+    def fit(cls, X: np.ndarray, y: np.ndarray, alpha: float, bounded: bool = False) -> "Ridge":
         mean = np.nan_to_num(np.nanmean(X, 0)) if len(X) else np.zeros(X.shape[1])
-        Z = np.where(np.isnan(X), mean, X) - mean
+        filled = np.where(np.isnan(X), mean, X)
+        Z = filled - mean
         scale = Z.std(0)
         scale[scale == 0] = 1.0
         Z /= scale
         coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
-        return cls(mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()))
+        low, high = (filled.min(0).tolist(), filled.max(0).tolist()) if bounded and len(X) else (None, None)
+        return cls(mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()), low, high)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean)
-        Z = (np.where(np.isnan(X), mean, X) - mean) / np.asarray(self.scale)
-        return Z @ np.asarray(self.coef) + self.intercept
+        X = np.where(np.isnan(X), mean, X)
+        if self.low is not None:
+            X = np.clip(X, self.low, self.high)
+        return (X - mean) / np.asarray(self.scale) @ np.asarray(self.coef) + self.intercept
 
 
 MODELS = ("first-drop", "reference")

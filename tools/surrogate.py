@@ -412,7 +412,7 @@ def fit_surrogate(table: Table, cfg: FitConfig, extra_meta: dict | None = None, 
                                                             ("transitions", later, ridges, boosters)):
                 X = table.X[part_rows] if part == "first segment" else table.design(j, part_rows)
                 y = table.label(j, part_rows)
-                ridge_out[target] = Ridge.fit(X, y, cfg.ridge_alpha)
+                ridge_out[target] = Ridge.fit(X, y, cfg.ridge_alpha, bounded=True)
                 base = ridge_out[target].predict(X)
                 booster_out[target] = fit_lgbm(X, y - base, cfg.lgbm)
                 if is_constant(base + booster_out[target].predict(X)):
