@@ -5,8 +5,8 @@
 1. fit: a synthetic sweep of R runs × 10 evaluations × 12 domains (13 targets: the target metric and each
    domain's loss), trajectory mode on 10 stages (9 transitions per run), LightGBM (RegMix settings) + ridge
    for every target; then the 5-fold grouped CV on the same table.
-2. search: 8 searched stages × C candidates per stage (12 domains; an 8-stage surrogate fitted with
-   --first-stage on R runs × 8 evaluations, so that stage 0 is searched too).
+2. search: 8 searched stages × C candidates per stage (12 domains; an 8-stage first-drop surrogate
+   on R runs × 8 evaluations, so that stage 0 is searched too).
 3. methods: true generator loss of the schedules searched by the reference mode and by the extensions,
    beside the generator's best static mixture (exhaustive grid) and the prior.
 """
@@ -24,8 +24,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_fit import synthetic_losses, write_synthetic_sweep  # noqa: E402  (the tests' known generator)
-from tools.search import SearchConfig, Searcher  # noqa: E402
-from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,  # noqa: E402
+from megatron_ext.mixture_search import SearchConfig  # noqa: E402
+from tools.search import rollout  # noqa: E402
+from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, fit_surrogate,  # noqa: E402
                              trajectory_table)
 
 
@@ -44,7 +45,7 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
         table = trajectory_table(folder, stages=10)
     cfg = FitConfig(lgbm=LGBMSettings(num_threads=threads))
     with timed(fitted):
-        Surrogate.fit(table, cfg)
+        fit_surrogate(table, cfg)
     print(f"fit: {runs} runs x 10 evals x {len(table.targets)} targets = {len(table.Y)} rows x "
           f"{len(table.feature_names())} features; read sweep {read['wall']:.2f} s; LightGBM (1000 rounds) + ridge "
           f"for all targets: {fitted['wall']:.1f} s wall, {fitted['cpu']:.1f} s CPU "
@@ -60,14 +61,14 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
 
 def bench_search(folder: str, runs: int, candidates: int, threads: int) -> None:
     write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
-    table = trajectory_table(folder, stages=8, feats=TrajectoryFeatures(first_stage=True), targets=["target"])
-    surrogate = Surrogate.fit(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
+    table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
+    surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
     surrogate.threads = threads
     prior = np.full(len(table.domains), 1 / len(table.domains))
     cfg = SearchConfig(stages=8, target_tokens=1e9, top_k=100, seed=0, candidates=candidates)
     took = {}
     with timed(took):
-        result = Searcher(surrogate, cfg, prior, np.full(len(prior), np.inf)).run()
+        result = rollout(surrogate, cfg, prior, np.full(len(prior), np.inf))
     stages = sum(result.searched)
     print(f"search: {candidates} candidates x {stages} searched stages x {len(prior)} domains: "
           f"{took['wall']:.1f} s wall ({took['wall'] / stages:.1f} s per stage, "
@@ -84,20 +85,21 @@ def bench_methods(folder: str, candidates: int, threads: int) -> None:
           f"true final loss")
     print(f"  prior (uniform, static)          {synthetic_losses([0.0], prior[None, None], [1.0])[0][0, 0]:.4f}")
     print(f"  best static mixture (grid)       {static.min():.4f} at {grid[static[:, 0].argmin()]}")
-    variants = [("reference (paper: t, m, l)", TrajectoryFeatures(), ["target"]),
-                ("+ searched stage 0 (ours)", TrajectoryFeatures(first_stage=True), ["target"]),
-                ("+ history shares (ours)", TrajectoryFeatures(history=True), ["target"]),
-                ("predict the drop (ours)", TrajectoryFeatures(predict_drop=True), ["target"]),
-                ("no loss state (ours)", TrajectoryFeatures(loss_state=False), ["target"]),
-                ("objective: mean domain loss", TrajectoryFeatures(), ["easy", "hard", "filler"])]
-    for name, feats, objective in variants:
-        table = trajectory_table(folder, stages=5, feats=feats, targets=objective)
-        surrogate = Surrogate.fit(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)),
+    variants = [("first-drop (default)", TrajectoryFeatures(), ["target"], "first-drop"),
+                ("reference (paper: t, m, l)", TrajectoryFeatures(), ["target"], "reference"),
+                ("+ searched stage 0 (ours)", TrajectoryFeatures(first_stage=True), ["target"], "reference"),
+                ("+ history shares (ours)", TrajectoryFeatures(history=True), ["target"], "reference"),
+                ("predict the drop (ours)", TrajectoryFeatures(predict_drop=True), ["target"], "reference"),
+                ("no loss state (ours)", TrajectoryFeatures(loss_state=False), ["target"], "reference"),
+                ("objective: mean domain loss", TrajectoryFeatures(), ["easy", "hard", "filler"], "reference")]
+    for name, feats, objective, model in variants:
+        table = trajectory_table(folder, stages=5, feats=feats, targets=objective, model=model)
+        surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)),
                                   {"objective": objective[0]})
         surrogate.threads = threads
         cfg = SearchConfig(stages=5, target_tokens=1e9, top_k=100, seed=0, candidates=candidates,
                            objective=objective)
-        result = Searcher(surrogate, cfg, prior, np.full(3, np.inf)).run()
+        result = rollout(surrogate, cfg, prior, np.full(3, np.inf))
         true, _ = synthetic_losses(result.starts, result.weights[None], [1.0])
         shares = " ".join(f"{w[0]:.2f}/{w[1]:.2f}" for w in result.weights)
         print(f"  {name:32s} {true[0, 0]:.4f}  (easy/hard per stage: {shares})", flush=True)

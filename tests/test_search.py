@@ -13,7 +13,7 @@ from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from test_fit import PILE_CC, REGMIX, ROOT, SYN_DOMAINS, synthetic_losses, write_synthetic_sweep
 from tools import fit, search
-from tools.search import project_to_caps
+from megatron_ext.mixture_search import project_to_caps
 
 
 def cli(module, *argv):
@@ -27,13 +27,27 @@ def schedule_weights(path) -> tuple[list, np.ndarray, MixtureSchedule]:
 
 
 @pytest.fixture(scope="module")
-def synthetic_surrogate(tmp_path_factory):
-    """128 static proxies of the generator, a 5-stage transition surrogate for the target loss."""
+def synthetic_sweep(tmp_path_factory):
+    """128 static proxies of the generator, evaluated at every tenth of the run."""
     root = tmp_path_factory.mktemp("syn")
     write_synthetic_sweep(str(root / "sweep"), runs=128, evals=10)
-    assert fit.main(["--sweep", str(root / "sweep"), "--out", str(root / "sur"), "--stages", "5",
-                     "--targets", "target", "--folds", "0"]) == 0
-    return root / "sur"
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic_surrogate(synthetic_sweep):
+    """The default (first-drop) 5-stage surrogate of the target loss."""
+    assert fit.main(["--sweep", str(synthetic_sweep / "sweep"), "--out", str(synthetic_sweep / "sur"),
+                     "--stages", "5", "--targets", "target", "--folds", "0"]) == 0
+    return synthetic_sweep / "sur"
+
+
+@pytest.fixture(scope="module")
+def reference_surrogate(synthetic_sweep):
+    """The paper's transition model on the same proxies."""
+    assert fit.main(["--sweep", str(synthetic_sweep / "sweep"), "--out", str(synthetic_sweep / "ref"),
+                     "--stages", "5", "--targets", "target", "--folds", "0", "--model", "reference"]) == 0
+    return synthetic_sweep / "ref"
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +61,27 @@ def synthetic_data(tmp_path_factory):
     return root, {d: tokens["domains"][d]["train_tokens"] for d in SYN_DOMAINS}
 
 
-def test_trajectory_search_beats_best_static_mixture(synthetic_surrogate, tmp_path):
+@pytest.mark.parametrize("model", ["first-drop", "reference"])
+def test_trajectory_search_beats_best_static_mixture(model, synthetic_surrogate, reference_surrogate, tmp_path):
     out = tmp_path / "sched.json"
-    assert search.main(["--surrogate", str(synthetic_surrogate), "--out", str(out), "--stages", "5",
+    surrogate = synthetic_surrogate if model == "first-drop" else reference_surrogate
+    assert search.main(["--surrogate", str(surrogate), "--out", str(out), "--stages", "5",
                         "--target-tokens", "1e9", "--top-k", "50", "--seed", "1", "--candidates", "10000",
                         "--prior", "uniform"]) == 0
     starts, W, sched = schedule_weights(out)
-    assert starts == [0.0, 0.2, 0.4, 0.6, 0.8] and np.allclose(W[0], 1 / 3)  # the paper: stage 0 = prior
+    assert np.allclose(starts, [0.0, 0.2, 0.4, 0.6, 0.8])
+    if model == "reference":
+        assert np.allclose(W[0], 1 / 3)  # the paper: stage 0 = prior
     assert (out.parent / "sched.png").is_file()
     prov = sched.provenance
     assert prov["proxies"] == 128 and len(prov["predicted_loss"]) == 5 and len(prov["surrogate_sha256"]) == 64
+    assert prov["searched"] == [model == "first-drop", True, True, True, True]
     # the generator's best static mixture, by exhaustive search on a 1/100 grid of the simplex
     grid = np.array([(a, b, 100 - a - b) for a in range(101) for b in range(101 - a)]) / 100
     static_loss, _ = synthetic_losses([0.0], grid[:, None, :], [1.0])
     schedule_loss, _ = synthetic_losses(starts, W[None], [1.0])
-    print(f"\nsynthetic generator: searched 5-stage schedule true loss {schedule_loss[0, 0]:.4f}, best static "
-          f"{static_loss.min():.4f} at {grid[static_loss[:, 0].argmin()]}")
+    print(f"\nsynthetic generator, {model}: searched 5-stage schedule true loss {schedule_loss[0, 0]:.4f}, "
+          f"best static {static_loss.min():.4f} at {grid[static_loss[:, 0].argmin()]}")
     assert schedule_loss[0, 0] < static_loss.min()
     # the searched schedule moves from the easy domain towards the hard one (the generator's optimum does)
     assert W[1, 0] > W[-1, 0] and W[1, 1] < W[-2, 1]
@@ -96,9 +115,9 @@ def test_budget_max_change_exclude_and_validate(synthetic_surrogate, synthetic_d
     assert (schedule_weights(out)[1][:, 2] == 0).all()
 
 
-def test_infeasible_budgets_name_the_domain(synthetic_surrogate, synthetic_data, tmp_path):
+def test_infeasible_budgets_name_the_domain(reference_surrogate, synthetic_data, tmp_path):
     root, counts = synthetic_data
-    base = ["--surrogate", synthetic_surrogate, "--out", tmp_path / "s.json", "--tokens", root / "tokens.json",
+    base = ["--surrogate", reference_surrogate, "--out", tmp_path / "s.json", "--tokens", root / "tokens.json",
             "--candidates", 2000, "--top-k", 10]
     # the budgets of all domains together are below the run: every domain named
     proc = cli("tools.search", *base, "--target-tokens", 10 * sum(counts.values()), "--max-epochs", 2)
@@ -137,3 +156,24 @@ def test_static_regmix_search_on_real_data(tmp_path):
           f"(RegMix 1B published: 0.8701)")
     assert top == "train_the_pile_pile_cc" and weights[top] > 0.6
     assert cli("tools.schedule", "validate", "--no-check-files", out).returncode == 0
+
+
+def test_rollout_is_search_segment_stage_by_stage(synthetic_surrogate):
+    """What the online controller calls (megatron_ext, no tools import) gives the offline rollout's stages."""
+    from megatron_ext.mixture_search import SearchConfig, search_prior, search_segment, segment_caps
+    from megatron_ext.surrogate import Surrogate, piecewise_average
+    s = Surrogate.load(str(synthetic_surrogate))
+    prior = search_prior(np.ones(3), s.domains)
+    budgets = np.full(3, np.inf)
+    cfg = SearchConfig(stages=5, target_tokens=1e6, top_k=10, seed=3, candidates=500)
+    result = search.rollout(s, cfg, prior, budgets)
+    rng, weights, state = np.random.default_rng(3), [], s.start_state(["target"])
+    lengths = np.diff(s.stage_starts + [1.0])
+    for j, progress in enumerate(s.stage_starts):
+        caps = segment_caps(budgets, np.zeros(3), prior, cfg.target_tokens, lengths[j:], None)
+        history = piecewise_average(s.stage_starts[:j], weights, 0.0, progress) if j else None
+        seg = search_segment(s, cfg, prior, rng, progress=progress, history=history, state=state, caps=caps,
+                             previous=weights[-1] if weights else None)
+        weights.append(seg.weights)
+        state = seg.predicted
+        assert np.allclose(seg.weights, result.weights[j]) and np.isclose(seg.loss, result.predicted[j])

@@ -1,8 +1,22 @@
 """Fit the surrogate (LightGBM per target + ridge baseline, grouped K-fold CV) or predict with one.
 
   python -m tools.fit --mixtures M.csv --losses L.csv --target COLUMN --out DIR     (static, RegMix)
-  python -m tools.fit --sweep DIR --out DIR [--stages K] [--history] [--first-stage] (trajectory, RegMix-D)
+  python -m tools.fit --sweep DIR --out DIR [--stages K | --grid t1,..,tK] [--model first-drop|reference]
   python -m tools.fit predict --surrogate DIR --mixtures M.csv --out P.csv          (index,prediction)
+
+Trajectory models (--model):
+  first-drop (default)  the loss at t_1 from the first segment's mixture (a static sub-model), then each
+                        transition's drop l_{l+1} - l_l from (t_l, mixture, cumulative shares, l_l); both a
+                        ridge base with LightGBM on its residuals. The search chooses stage 0 too and
+                        starts every candidate from its own predicted first loss. Default because it ranks
+                        held-out runs' final loss best in the rollout CV (docs/SURROGATE.md).
+  reference             the paper exactly: one LightGBM l_{l+1} = f(t_l, m, l_l); stage 0 is the prior and
+                        the offline rollout starts from the proxies' mean loss at t_1 (search with the
+                        paper's defaults: --candidates 100000 --top-k 128, one target, token prior).
+                        --history, --first-stage, --predict-drop, --no-loss-state vary it.
+
+cv.json / cv.md report, per target, the one-step metrics and (trajectory) the rollout of each held-out
+run's final loss against a static fit and persistence, and say plainly when static is better.
 """
 import argparse
 import json
@@ -13,10 +27,11 @@ import numpy as np
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
+from megatron_ext.surrogate import MODELS, Surrogate
 from tools.cli import run_main
-from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,
-                             cv_markdown, plot_predicted_vs_observed, read_indexed_table, static_table,
-                             trajectory_table)
+from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, cv_markdown,
+                             fit_surrogate, parse_grid, plot_predicted_vs_observed, proxy_nonembedding_params,
+                             read_indexed_table, static_table, trajectory_table, verdict)
 
 
 def fit_parser() -> argparse.ArgumentParser:
@@ -31,8 +46,15 @@ def fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="", help="comma-separated subset of targets to fit (default: all; "
                    "trajectory targets are 'target' and each domain)")
     p.add_argument("--stages", type=int, default=6,
-                   help="trajectory: K stages, transitions on the grid l/K (default 6 = the paper's N=5 switches)")
-    p.add_argument("--no-loss-state", action="store_true", help="trajectory: leave the start loss out (ours)")
+                   help="trajectory: K stages, transitions on the grid l/K (default 6 = the paper's N=5 switches); "
+                        "every run needs an evaluation exactly at each l/K")
+    p.add_argument("--grid", help="trajectory: the grid t_1,...,t_K (increasing fractions, t_K = 1) instead of "
+                   "--stages, for evaluations that are not uniform; stage 0 = [0, t_1)")
+    p.add_argument("--model", choices=MODELS, default="first-drop",
+                   help="trajectory model (default first-drop: it ranks held-out runs best in the rollout CV; "
+                        "reference = the paper exactly)")
+    p.add_argument("--no-loss-state", action="store_true",
+                   help="reference trajectory model: leave the start loss out (ours)")
     p.add_argument("--history", action="store_true",
                    help="trajectory: add cumulative domain shares before the transition (ours)")
     p.add_argument("--first-stage", action="store_true",
@@ -70,9 +92,11 @@ def cmd_fit(args) -> int:
     if args.sweep:
         feats = TrajectoryFeatures(loss_state=not args.no_loss_state, history=args.history,
                                    first_stage=args.first_stage, predict_drop=args.predict_drop)
-        table = trajectory_table(args.sweep, args.stages, feats, targets or None)
+        grid = parse_grid(args.grid) if args.grid else None
+        table = trajectory_table(args.sweep, args.stages, feats, targets or None, grid=grid, model=args.model)
         objective = "target" if "target" in table.targets else table.targets[0]
         source = {"sweep": os.path.abspath(args.sweep)}
+        extra = {"proxy_nonembedding_params": proxy_nonembedding_params(args.sweep)}
     elif args.mixtures and args.losses:
         if not args.target:
             raise UserError("--target COLUMN is required with --mixtures/--losses")
@@ -83,13 +107,19 @@ def cmd_fit(args) -> int:
             raise UserError(f"{args.losses}: no column {args.target!r}")
         objective = args.target
         source = {"mixtures": os.path.abspath(args.mixtures), "losses": os.path.abspath(args.losses)}
+        extra = {}
     else:
         raise UserError("give --sweep DIR, or --mixtures M.csv --losses L.csv --target COLUMN")
     cfg = FitConfig(folds=args.folds, cv_seed=args.cv_seed, ridge_alpha=args.ridge_alpha,
                     lgbm=LGBMSettings(learning_rate=args.lr, num_iterations=args.num_iterations,
                                       num_leaves=args.num_leaves, min_data_in_leaf=args.min_data_in_leaf,
                                       seed=args.seed, num_threads=args.threads))
-    surrogate = Surrogate.fit(table, cfg, {"objective": objective, "source": source})
+    surrogate = fit_surrogate(table, cfg, {"objective": objective, "source": source, **extra})
+    used = surrogate.meta["lgbm_min_data_in_leaf_used"]
+    for part, leaf in (used.items() if isinstance(used, dict) else [("model", used)]):
+        if leaf < cfg.lgbm.min_data_in_leaf:
+            print(f"note: LightGBM min_data_in_leaf {cfg.lgbm.min_data_in_leaf} -> {leaf} for the {part} "
+                  "(a tenth of its rows: fewer rows would fit a constant)", file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     if args.folds:
         report = cross_validate(table, cfg)
@@ -99,8 +129,17 @@ def cmd_fit(args) -> int:
         if not args.no_plot:
             plot_predicted_vs_observed(table, report, os.path.join(args.out, "pred_vs_obs.png"))
         best = report["targets"][objective]
-        print(f"cv {objective}: lgbm spearman {best['lgbm']['all']['spearman']:.4f} "
+        print(f"cv {objective}: one step lgbm spearman {best['lgbm']['all']['spearman']:.4f} "
               f"mae {best['lgbm']['all']['mae']:.4f} | ridge spearman {best['ridge']['all']['spearman']:.4f}")
+        if "rollout" in best:
+            print(f"cv {objective}: final loss of held-out runs, rollout spearman {best['rollout']['spearman']:.4f} "
+                  f"mae {best['rollout']['mae']:.4f} | static spearman {best['static']['spearman']:.4f} "
+                  f"mae {best['static']['mae']:.4f} | static ridge {best['static_ridge']['spearman']:.4f}: "
+                  f"{verdict(best)}")
+        for target, entry in report["targets"].items():
+            if entry["constant_folds"]:
+                print(f"warning: {target}: LightGBM was constant in {entry['constant_folds']} CV folds "
+                      "(too few rows); its CV metrics are not results", file=sys.stderr)
     surrogate.save(args.out)
     print(f"wrote {args.out}: {table.mode} surrogate, {len(table.targets)} targets, {table.proxies} proxies, "
           f"{len(table.Y)} rows, features {','.join(table.feature_names())}")

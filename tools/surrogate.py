@@ -9,15 +9,15 @@ Two modes share one table layout (rows × common features, a per-target loss sta
 The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
-import hashlib
-import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from megatron_ext.atomic import atomic_path, atomic_write
+from megatron_ext.atomic import atomic_path
 from megatron_ext.errors import UserError
+from megatron_ext.surrogate import (Ridge, Surrogate, encode_features, feature_names, nonembedding_parameters,
+                                    piecewise_average, sha256_files)
 
 MODEL_KINDS = ("lgbm", "ridge")
 
@@ -32,14 +32,6 @@ def save_figure(fig, path: str) -> None:
             fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)
-
-
-def sha256_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
 
 
 def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
@@ -104,11 +96,15 @@ class Table:
     runs: np.ndarray          # [rows] run id (the CV group)
     stage: np.ndarray         # [rows] transition index l (0 in static mode)
     stages: int               # K (1 in static mode)
+    grid: list = field(default_factory=lambda: [1.0])  # t_1..t_K, fractions of the run (static: [1.0])
     initial_loss: dict = field(default_factory=dict)  # target → mean loss at t_1 over proxies (rollout start)
     mean_mixture: list = field(default_factory=list)   # the proxies' mean mixture (a prior choice)
     proxies: int = 0
     data_sha256: str = ""
     predict_drop: bool = False  # models learn the change over the transition (label − loss_start)
+    model: str = "reference"    # "reference" (the paper; static) | "first-drop" (see megatron_ext.surrogate)
+    run_losses: dict = field(default_factory=dict)  # run → losses at t_1..t_K [K, targets] (trajectory)
+    schedules: dict = field(default_factory=dict)   # run → (stage starts [S], weights [S, D]) (trajectory)
 
     @property
     def has_state(self) -> bool:
@@ -121,7 +117,11 @@ class Table:
         return np.hstack([self.X[rows], self.state[rows, j:j + 1]])
 
     def label(self, j: int, rows=slice(None)) -> np.ndarray:
-        """What target j's model learns: the loss at the transition end, or its change with predict_drop."""
+        """What target j's model learns: the loss at the transition end, or its change with predict_drop
+        (first-drop: the change wherever the start loss is known, the loss itself on first-segment rows)."""
+        if self.model == "first-drop":
+            state = self.state[rows, j]
+            return np.where(np.isnan(state), self.Y[rows, j], self.Y[rows, j] - state)
         return self.Y[rows, j] - self.state[rows, j] if self.predict_drop else self.Y[rows, j]
 
     def feature_names(self) -> list[str]:
@@ -159,13 +159,6 @@ class TrajectoryFeatures:
     history: bool = False       # cumulative domain shares over [0, t_l) (ours; constant on static proxies)
     first_stage: bool = False   # add the 0 → t_1 transition (loss state unknown = NaN) so stage 0 can be searched
     predict_drop: bool = False  # learn the loss change over the transition instead of the loss (needs loss_state)
-
-
-def _piecewise_average(starts: np.ndarray, weights: np.ndarray, a: float, b: float) -> np.ndarray:
-    """Time-average of a piecewise-constant mixture (stage starts, rows of weights) over [a, b)."""
-    ends = np.append(starts[1:], np.inf)
-    overlap = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None)
-    return overlap @ weights / (b - a)
 
 
 def read_sweep(sweep_dir: str) -> tuple[dict, dict, list[str]]:
@@ -228,11 +221,56 @@ def read_sweep(sweep_dir: str) -> tuple[dict, dict, list[str]]:
     return trajectories, mixtures, domains
 
 
-def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = TrajectoryFeatures(),
-                     targets=None) -> Table:
-    """The transition rows on the grid t_l = l/K (each run's evaluation nearest to it, within 1/(4K))."""
-    if stages < 2:
-        raise UserError("--stages must be >= 2 for a trajectory surrogate (one stage: fit static CSVs)")
+GRID_TOLERANCE = 1e-6  # |evaluation progress − grid point| that counts as "on the grid"
+
+
+def check_grid(grid) -> np.ndarray:
+    """t_1 < ... < t_K = 1, all in (0, 1], K >= 2."""
+    grid = np.asarray(grid, float)
+    if len(grid) < 2 or not np.isfinite(grid).all() or grid[0] <= 0 or (np.diff(grid) <= 0).any() \
+            or abs(grid[-1] - 1) > GRID_TOLERANCE:
+        raise UserError(f"--grid {','.join(f'{t:g}' for t in grid)}: needs at least 2 increasing fractions "
+                        "in (0, 1], the last = 1")
+    return grid
+
+
+def parse_grid(text: str) -> list[float]:
+    """The --grid flag of fit and search: comma-separated fractions."""
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"--grid {text}: comma-separated fractions expected, e.g. 0.1,0.3,0.6,1") from None
+
+
+def grid_points(progress: np.ndarray, grid: np.ndarray) -> np.ndarray | None:
+    """Index of the evaluation at each grid point (|Δprogress| <= GRID_TOLERANCE), or None if one is missing."""
+    nearest = np.abs(progress[None, :] - grid[:, None]).argmin(1)
+    return nearest if (np.abs(progress[nearest] - grid) <= GRID_TOLERANCE).all() else None
+
+
+def fitting_stages(progress_sets: list) -> list[int]:
+    """Every K in 2..20 whose uniform grid l/K lies on every run's evaluations."""
+    return [k for k in range(2, 21)
+            if all(grid_points(p, np.arange(1, k + 1) / k) is not None for p in progress_sets)]
+
+
+def trajectory_table(sweep_dir: str, stages: int | None = None, feats: TrajectoryFeatures = TrajectoryFeatures(),
+                     targets=None, grid=None, model: str = "reference") -> Table:
+    """The transition rows on the grid (`grid` t_1..t_K, or t_l = l/K for `stages` K): every run must have
+    an evaluation exactly (|Δprogress| <= 1e-6) at every grid point; transition l goes t_l → t_{l+1}.
+
+    model "first-drop" adds the first segment (0 → t_1, loss state NaN) and the history shares."""
+    if grid is None:
+        if stages is None or stages < 2:
+            raise UserError("--stages must be >= 2 for a trajectory surrogate (one stage: fit static CSVs)")
+        grid = np.arange(1, stages + 1) / stages
+    grid = check_grid(grid)
+    stages = len(grid)
+    if model == "first-drop":
+        if feats.predict_drop or feats.first_stage or not feats.loss_state:
+            raise UserError("--predict-drop, --first-stage and --no-loss-state are variants of --model reference; "
+                            "first-drop already models the first segment and the drop")
+        feats = TrajectoryFeatures(history=True, first_stage=True)
     if feats.predict_drop and (feats.first_stage or not feats.loss_state):
         raise UserError("--predict-drop needs the loss state and cannot be combined with --first-stage "
                         "(the loss at progress 0 is unknown)")
@@ -243,38 +281,61 @@ def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = Tr
     if unknown:
         raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(all_targets)}")
     cols = [all_targets.index(t) for t in targets]
-    grid = np.arange(1, stages + 1) / stages
-    names = ["progress"] + [f"w:{d}" for d in domains] + ([f"cum:{d}" for d in domains] if feats.history else [])
+    names = feature_names(domains, "trajectory", feats.history)
+    points = np.concatenate([[0.0], grid])
     X, S, Y, runs, stage = [], [], [], [], []
-    first = []
+    run_losses = {}
     for run, (progress, losses, target) in trajectories.items():
         values = np.column_stack([target, losses])[:, cols]  # [evals, targets]
-        nearest = np.abs(progress[None, :] - grid[:, None]).argmin(1)
-        off = np.abs(progress[nearest] - grid)
-        if (off > 0.25 / stages).any():
-            raise UserError(f"run {run!r} has no evaluation near progress {grid[off.argmax()]:.4g} "
-                            f"(needed for {stages} stages)")
-        at = values[nearest]  # [K, targets]: losses at t_1..t_K
+        at = grid_points(progress, grid)
+        if at is None:
+            missing = grid[[grid_points(progress, grid[i:i + 1]) is None for i in range(stages)]][0]
+            near = np.sort(progress[np.argsort(np.abs(progress - missing))[:2]])
+            fit = fitting_stages([p for p, _, _ in trajectories.values()])
+            raise UserError(f"run {run!r} has no evaluation at progress {missing:.6g} of the grid "
+                            f"{','.join(f'{t:.4g}' for t in grid)} (nearest: {', '.join(f'{p:.6g}' for p in near)}); "
+                            f"--stages that fit every run: {', '.join(map(str, fit)) or 'none'}; "
+                            "or --grid t_1,...,t_K at evaluated fractions")
+        at = values[at]  # [K, targets]: losses at t_1..t_K
         starts, W = mixtures[run]
-        first.append(at[0])
+        run_losses[run] = at
         for l in range(0 if feats.first_stage else 1, stages):
-            a, b = l / stages, (l + 1) / stages
-            row = [a, *_piecewise_average(starts, W, a, b)]
-            if feats.history:
-                row += list(_piecewise_average(starts, W, 0.0, a) if l else _piecewise_average(starts, W, a, b))
-            X.append(row)
+            a, b = points[l], points[l + 1]
+            history = piecewise_average(starts, W, 0.0, a) if l else None
+            X.append(encode_features(names, domains, a, piecewise_average(starts, W, a, b)[None], history)[0])
             S.append(at[l - 1] if l else np.full(len(cols), np.nan))
             Y.append(at[l])
             runs.append(run)
             stage.append(l)
-    mean_mix = np.mean([_piecewise_average(*mixtures[r], 0.0, 1.0) for r in trajectories], axis=0)
+    mean_mix = np.mean([piecewise_average(*mixtures[r], 0.0, 1.0) for r in trajectories], axis=0)
     return Table(mode="trajectory", domains=domains, targets=targets, features=names, X=np.array(X),
                  state=np.array(S) if feats.loss_state else None, Y=np.array(Y), runs=np.array(runs),
-                 stage=np.array(stage), stages=stages,
-                 initial_loss=dict(zip(targets, np.mean(first, axis=0).tolist())), mean_mixture=mean_mix.tolist(),
-                 proxies=len(trajectories), predict_drop=feats.predict_drop,
+                 stage=np.array(stage), stages=stages, grid=grid.tolist(),
+                 initial_loss=dict(zip(targets, np.mean(list(run_losses.values()), axis=0)[0].tolist())),
+                 mean_mixture=mean_mix.tolist(), proxies=len(trajectories), predict_drop=feats.predict_drop,
+                 model=model, run_losses=run_losses, schedules=mixtures,
                  data_sha256=sha256_files([os.path.join(sweep_dir, "trajectories.csv"),
                                            os.path.join(sweep_dir, "mixtures.csv")]))
+
+
+def proxy_nonembedding_params(sweep_dir: str) -> int | None:
+    """The proxies' non-embedding parameter count from the sweep's runner.json (its launcher config and
+    flags, parsed by the launcher's own parser); None when the sweep does not say (e.g. a custom command
+    or CSVs without a sweep around them)."""
+    from tools.sweep import RUNNER_JSON, RUNS, RunSettings, read_json, run_command, run_ids
+    if read_json(os.path.join(sweep_dir, RUNNER_JSON)) is None:
+        return None
+    from megatron_ext.arguments import parse_args  # imports megatron-core: only when there is a runner.json
+    try:
+        settings = RunSettings.load(sweep_dir)
+        if settings.config and not os.path.isabs(settings.config):
+            settings.config = os.path.join(settings.cwd, settings.config)
+        argv = run_command(settings, os.path.join(sweep_dir, RUNS, run_ids(sweep_dir)[0]))
+        args = parse_args(argv[2:])  # argv: python, launcher, flags
+    except (UserError, TypeError, IndexError, OSError):
+        return None
+    return nonembedding_parameters(args.num_layers, args.hidden_size, args.num_attention_heads,
+                                   args.ffn_hidden_size, args.num_query_groups)
 
 
 # ---------------------------------------------------------------- models
@@ -296,33 +357,15 @@ class LGBMSettings:
                 "deterministic": True, "force_col_wise": True, "verbosity": -1}
 
 
+    def for_rows(self, rows: int) -> "LGBMSettings":
+        """Settings for a fit on `rows` rows: min_data_in_leaf at most a tenth of them (at least 2), so a small
+        sweep or a CV fold still grows trees (with 20 per leaf and < 40 rows LightGBM fits a constant)."""
+        return replace(self, min_data_in_leaf=min(self.min_data_in_leaf, max(2, rows // 10)))
+
+
 def fit_lgbm(X: np.ndarray, y: np.ndarray, settings: LGBMSettings):
     import lightgbm as lgb
-    return lgb.train(settings.params(), lgb.Dataset(X, y, params={"verbosity": -1}))
-
-
-@dataclass
-class Ridge:
-    """Standardized closed-form ridge; NaN inputs (an unknown loss state) are replaced by the training mean."""
-    mean: list
-    scale: list
-    coef: list
-    intercept: float
-
-    @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, alpha: float) -> "Ridge":
-        mean = np.nan_to_num(np.nanmean(X, 0)) if len(X) else np.zeros(X.shape[1])
-        Z = np.where(np.isnan(X), mean, X) - mean
-        scale = Z.std(0)
-        scale[scale == 0] = 1.0
-        Z /= scale
-        coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
-        return cls(mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        mean = np.asarray(self.mean)
-        Z = (np.where(np.isnan(X), mean, X) - mean) / np.asarray(self.scale)
-        return Z @ np.asarray(self.coef) + self.intercept
+    return lgb.train(settings.for_rows(len(y)).params(), lgb.Dataset(X, y, params={"verbosity": -1}))
 
 
 @dataclass
@@ -349,32 +392,169 @@ def metrics(pred: np.ndarray, obs: np.ndarray) -> dict:
             "mae": float(np.abs(pred - obs).mean()), "n": int(len(obs))}
 
 
+def is_constant(pred: np.ndarray) -> bool:
+    return len(pred) > 1 and float(np.ptp(pred)) <= 1e-12 * max(1.0, float(np.abs(pred).max()))
+
+
+def fit_surrogate(table: Table, cfg: FitConfig, extra_meta: dict | None = None, rows=None,
+                  strict: bool = True) -> Surrogate:
+    """The table's model per target on `rows` (default: all), with the metadata the search and the controller
+    read. A model that predicts one constant on its own training rows is a UserError when `strict`, else
+    listed in meta["constant"] (cross-validation folds)."""
+    rows = np.arange(len(table.Y)) if rows is None else np.asarray(rows)
+    boosters, ridges, first_boosters, first_ridges, constant = {}, {}, {}, {}, []
+    first = rows[table.stage[rows] == 0] if table.model == "first-drop" else rows[:0]
+    later = rows[table.stage[rows] > 0] if table.model == "first-drop" else rows
+    for j, target in enumerate(table.targets):
+        if table.model == "first-drop":
+            # ridge base + LightGBM on its residuals, for the first segment's loss and for each drop
+            for part, part_rows, ridge_out, booster_out in (("first segment", first, first_ridges, first_boosters),
+                                                            ("transitions", later, ridges, boosters)):
+                X = table.X[part_rows] if part == "first segment" else table.design(j, part_rows)
+                y = table.label(j, part_rows)
+                ridge_out[target] = Ridge.fit(X, y, cfg.ridge_alpha, bounded=True)
+                base = ridge_out[target].predict(X)
+                booster_out[target] = fit_lgbm(X, y - base, cfg.lgbm)
+                if is_constant(base + booster_out[target].predict(X)):
+                    constant.append(f"{target} ({part}, {len(y)} rows)")
+        else:
+            X, y = table.design(j, rows), table.label(j, rows)
+            boosters[target] = fit_lgbm(X, y, cfg.lgbm)
+            ridges[target] = Ridge.fit(X, y, cfg.ridge_alpha)
+            if is_constant(boosters[target].predict(X)):
+                constant.append(f"{target} ({len(y)} rows)")
+    if constant and strict:
+        raise UserError(f"LightGBM fitted a constant model for {', '.join(constant)}: too few rows or labels "
+                        "that do not vary; collect more proxies or lower --min-data-in-leaf")
+    used = sorted(set(table.runs[rows].tolist()))
+    initial = table.initial_loss
+    if table.run_losses:  # the rollout's start: the mean loss at t_1 of the runs fitted on
+        initial = dict(zip(table.targets, np.mean([table.run_losses[r][0] for r in used], axis=0).tolist()))
+    min_leaf = {"first segment": cfg.lgbm.for_rows(len(first)).min_data_in_leaf,
+                "transitions": cfg.lgbm.for_rows(len(later)).min_data_in_leaf}
+    meta = {"version": 2, "mode": table.mode, "model": table.model, "domains": table.domains,
+            "targets": table.targets, "features": table.feature_names(), "has_state": table.has_state,
+            "predict_drop": table.predict_drop,
+            "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
+            "stages": table.stages, "grid": list(table.grid), "proxies": len(used), "rows": int(len(rows)),
+            "initial_loss": initial, "mean_mixture": table.mean_mixture,
+            "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
+            "lgbm_min_data_in_leaf_used": min_leaf if table.model == "first-drop" else min_leaf["transitions"],
+            "ridge_alpha": cfg.ridge_alpha, "proxy_nonembedding_params": None, "constant": constant,
+            **(extra_meta or {})}
+    return Surrogate(meta, boosters, ridges, first_boosters, first_ridges)
+
+
+def static_features(table: Table, runs) -> np.ndarray:
+    """Each run's token-weighted (time-averaged) mixture over the whole run: the static model's input."""
+    return np.array([piecewise_average(*table.schedules[r], 0.0, 1.0) for r in runs])
+
+
 def cross_validate(table: Table, cfg: FitConfig) -> dict:
-    """Out-of-fold predictions of both model kinds; metrics per target, overall and per transition."""
+    """Grouped K-fold CV (all of a run in one fold), the fitted model refitted per fold.
+
+    Per target: one-step metrics of the model and its ridge baseline (overall and per transition); for
+    trajectory tables also `persistence` (l_l + the training folds' mean drop of that transition),
+    `rollout` (each held-out run's final loss, rolled out over its own schedule from the search's start)
+    and `static` / `static_ridge` (a static LightGBM / ridge fit of the run's time-averaged mixture →
+    final loss on the same folds)."""
     folds = grouped_folds(table.runs, cfg.folds, cfg.cv_seed)
+    T = len(table.targets)
     oof = {kind: np.full(table.Y.shape, np.nan) for kind in MODEL_KINDS}
+    persistence = np.full(table.Y.shape, np.nan)
+    trajectory = table.mode == "trajectory"
+    run_ids = sorted(table.run_losses)
+    run_index = {r: i for i, r in enumerate(run_ids)}
+    final = np.array([table.run_losses[r][-1] for r in run_ids]) if trajectory else None
+    rollout = {kind: np.full((len(run_ids), T), np.nan) for kind in ("rollout", "static", "static_ridge")}
+    constant_folds = {t: 0 for t in table.targets}
     for train, test in folds:
-        for j in range(len(table.targets)):
-            Xtr, Xte = table.design(j, train), table.design(j, test)
-            offset = table.state[test, j] if table.predict_drop else 0.0  # metrics are on losses either way
-            oof["lgbm"][test, j] = fit_lgbm(Xtr, table.label(j, train), cfg.lgbm).predict(Xte) + offset
-            oof["ridge"][test, j] = Ridge.fit(Xtr, table.label(j, train), cfg.ridge_alpha).predict(Xte) + offset
-    report = {"folds": cfg.folds, "grouped_by": "run", "targets": {}}
+        s = fit_surrogate(table, cfg, rows=train, strict=False)
+        for c in s.meta["constant"]:
+            constant_folds[c.split(" (")[0]] += 1
+        for j, target in enumerate(table.targets):
+            state = table.state[test, j] if table.has_state else None
+            for kind in MODEL_KINDS:
+                oof[kind][test, j] = s.predict(target, table.X[test], state, kind)
+        if not trajectory:
+            continue
+        later = train[table.stage[train] > 0]
+        for l in np.unique(table.stage[test]):
+            if l == 0:
+                continue
+            rows = test[table.stage[test] == l]
+            drop = (table.Y[later] - table.state[later])[table.stage[later] == l].mean(0) if table.has_state else 0
+            persistence[rows] = (table.state[rows] if table.has_state else np.nan) + drop
+        train_runs, test_runs = sorted(set(table.runs[train])), sorted(set(table.runs[test]))
+        Xs_train, Xs_test = static_features(table, train_runs), static_features(table, test_runs)
+        idx_test = [run_index[r] for r in test_runs]
+        for j, target in enumerate(table.targets):
+            for r, i in zip(test_runs, idx_test):
+                rollout["rollout"][i, j] = s.rollout(target, *table.schedules[r])[-1]
+            y = final[[run_index[r] for r in train_runs], j]
+            rollout["static"][idx_test, j] = fit_lgbm(Xs_train, y, cfg.lgbm).predict(Xs_test)
+            rollout["static_ridge"][idx_test, j] = Ridge.fit(Xs_train, y, cfg.ridge_alpha).predict(Xs_test)
+    report = {"folds": cfg.folds, "grouped_by": "run", "model": table.model, "targets": {}}
     for j, target in enumerate(table.targets):
         entry = {}
         for kind in MODEL_KINDS:
             entry[kind] = {"all": metrics(oof[kind][:, j], table.Y[:, j]),
                            "per_stage": {str(s): metrics(oof[kind][table.stage == s, j], table.Y[table.stage == s, j])
                                          for s in np.unique(table.stage)}}
+        entry["constant_folds"] = constant_folds[target]
+        if trajectory:
+            known = ~np.isnan(persistence[:, j])
+            entry["persistence"] = short_metrics(persistence[known, j], table.Y[known, j])
+            entry["one_step"] = short_metrics(oof["lgbm"][known, j], table.Y[known, j])
+            for kind in ("rollout", "static", "static_ridge"):
+                entry[kind] = short_metrics(rollout[kind][:, j], final[:, j])
         report["targets"][target] = entry
     report["oof"] = {kind: oof[kind].tolist() for kind in MODEL_KINDS}
     return report
 
 
+def short_metrics(pred: np.ndarray, obs: np.ndarray) -> dict:
+    return {"spearman": spearman(pred, obs), "mae": float(np.abs(pred - obs).mean()) if len(obs) else float("nan"),
+            "n": int(len(obs))}
+
+
+def verdict(entry: dict) -> str:
+    """One plain sentence: does the trajectory model's rollout rank held-out runs at least as well as static?"""
+    r, s = entry["rollout"]["spearman"], entry["static"]["spearman"]
+    if not np.isfinite(r) or not np.isfinite(s):
+        return "too few runs to compare the rollout with the static fit"
+    if r >= s:
+        return f"the rollout ranks held-out runs at least as well as the static fit ({r:.4f} >= {s:.4f})"
+    return f"the trajectory model does NOT beat the static fit: rollout Spearman {r:.4f} < static {s:.4f}"
+
+
 def cv_markdown(report: dict) -> str:
-    lines = [f"# Cross-validation ({report['folds']} folds grouped by run, no early stopping)", "",
-             "| target | stage | model | spearman | pearson | MAE | n |", "|---|---|---|---|---|---|---|"]
-    for target, entry in report["targets"].items():
+    lines = [f"# Cross-validation ({report['folds']} folds grouped by run, model {report.get('model', 'reference')}, "
+             "no early stopping)", ""]
+    entries = report["targets"]
+    if any("rollout" in e for e in entries.values()):
+        lines += ["## Final loss of held-out runs (what the search ranks)", "",
+                  "Rollout: each held-out run's own schedule rolled out from the search's start; static: its "
+                  "time-averaged mixture → final loss (LightGBM, ridge) on the same folds. One step: the next "
+                  "grid point's loss from the observed one, against persistence (observed + mean drop).", "",
+                  "| target | rollout ρ | rollout MAE | static ρ | static MAE | static ridge ρ | one-step MAE "
+                  "| persistence MAE | runs |", "|---|---|---|---|---|---|---|---|---|"]
+        for target, e in entries.items():
+            lines.append(f"| {target} | {e['rollout']['spearman']:.4f} | {e['rollout']['mae']:.4f} "
+                         f"| {e['static']['spearman']:.4f} | {e['static']['mae']:.4f} "
+                         f"| {e['static_ridge']['spearman']:.4f} | {e['one_step']['mae']:.4f} "
+                         f"| {e['persistence']['mae']:.4f} | {e['rollout']['n']} |")
+        lines.append("")
+        lines += [f"- {target}: {verdict(e)}." for target, e in entries.items()]
+        lines.append("")
+    flagged = [f"{t} ({e['constant_folds']} of {report['folds']} folds)" for t, e in entries.items()
+               if e["constant_folds"]]
+    if flagged:
+        lines += [f"**Warning: constant LightGBM models in CV folds for {', '.join(flagged)}: too few rows; "
+                  "their metrics are not results.**", ""]
+    lines += ["## One step (every row)", "", "| target | stage | model | spearman | pearson | MAE | n |",
+              "|---|---|---|---|---|---|---|"]
+    for target, entry in entries.items():
         for kind in MODEL_KINDS:
             rows = [("all", entry[kind]["all"])]
             if len(entry[kind]["per_stage"]) > 1:
@@ -383,89 +563,6 @@ def cv_markdown(report: dict) -> str:
                 lines.append(f"| {target} | {stage} | {kind} | {m['spearman']:.4f} | {m['pearson']:.4f} "
                              f"| {m['mae']:.4f} | {m['n']} |")
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- the fitted surrogate
-
-class Surrogate:
-    """Fitted models per target plus the metadata the search needs (domains, features, stages, prior data)."""
-
-    def __init__(self, meta: dict, boosters: dict, ridges: dict):
-        self.meta, self.boosters, self.ridges = meta, boosters, ridges
-        self.threads = 1  # LightGBM prediction threads (the search raises it)
-
-    @property
-    def domains(self) -> list[str]:
-        return self.meta["domains"]
-
-    @property
-    def targets(self) -> list[str]:
-        return self.meta["targets"]
-
-    @property
-    def stages(self) -> int:
-        return self.meta["stages"]
-
-    @classmethod
-    def fit(cls, table: Table, cfg: FitConfig, extra_meta: dict | None = None) -> "Surrogate":
-        boosters, ridges = {}, {}
-        for j, target in enumerate(table.targets):
-            X = table.design(j)
-            boosters[target] = fit_lgbm(X, table.label(j), cfg.lgbm)
-            ridges[target] = Ridge.fit(X, table.label(j), cfg.ridge_alpha)
-        meta = {"version": 1, "mode": table.mode, "domains": table.domains, "targets": table.targets,
-                "features": table.feature_names(), "has_state": table.has_state,
-                "predict_drop": table.predict_drop,
-                "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
-                "stages": table.stages, "proxies": table.proxies, "rows": int(len(table.Y)),
-                "initial_loss": table.initial_loss, "mean_mixture": table.mean_mixture,
-                "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
-                "ridge_alpha": cfg.ridge_alpha, **(extra_meta or {})}
-        return cls(meta, boosters, ridges)
-
-    def predict(self, target: str, X: np.ndarray, state: np.ndarray | None = None, kind: str = "lgbm") -> np.ndarray:
-        """X: common features [n, F]; state: the target's loss at the start (trajectory surrogates with a state)."""
-        if target not in self.targets:
-            raise UserError(f"the surrogate has no target {target!r}; it has: {', '.join(self.targets)}")
-        if self.meta["has_state"]:
-            state = np.broadcast_to(np.asarray(state, float).reshape(-1), (len(X),))
-            X = np.hstack([X, state[:, None]])
-        if kind == "lgbm":
-            out = self.boosters[target].predict(X, num_threads=self.threads)
-        else:
-            out = self.ridges[target].predict(X)
-        return out + state if self.meta.get("predict_drop") else out
-
-    def save(self, out: str) -> None:
-        """Models first, meta.json last (its presence marks a complete surrogate); every file atomically."""
-        os.makedirs(out, exist_ok=True)
-        files = []
-        for i, target in enumerate(self.targets):
-            name = f"lgbm_{i:02d}.txt"
-            atomic_write(os.path.join(out, name), self.boosters[target].model_to_string())
-            files.append(name)
-        ridges = {t: asdict(r) for t, r in self.ridges.items()}
-        atomic_write(os.path.join(out, "ridge.json"), json.dumps(ridges, indent=1))
-        meta = dict(self.meta, model_files=files)
-        atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
-        self.meta = meta
-
-    @classmethod
-    def load(cls, folder: str) -> "Surrogate":
-        import lightgbm as lgb
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{folder}: not a surrogate folder (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(os.path.join(folder, "ridge.json")) as f:
-            ridges = {t: Ridge(**r) for t, r in json.load(f).items()}
-        boosters = {t: lgb.Booster(model_file=os.path.join(folder, name))
-                    for t, name in zip(meta["targets"], meta["model_files"])}
-        surrogate = cls(meta, boosters, ridges)
-        surrogate.meta["sha256"] = sha256_files([meta_path, os.path.join(folder, "ridge.json")] +
-                                                [os.path.join(folder, n) for n in meta["model_files"]])
-        return surrogate
 
 
 def plot_predicted_vs_observed(table: Table, report: dict, path: str) -> None:
