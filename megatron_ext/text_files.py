@@ -9,10 +9,11 @@ import json
 from megatron_ext.errors import UserError
 
 
-def read_text(path: str, what: str = "file", error: type = UserError) -> str:
-    """The file's text (UTF-8); `what` names it in the message, `error` is the UserError subclass to raise."""
+def read_text(path: str, what: str = "file", error: type = UserError, newline=None) -> str:
+    """The file's text (UTF-8); `what` names it in the message, `error` is the UserError subclass to
+    raise, `newline` is `open`'s (the csv module wants "")."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline=newline) as f:
             return f.read()
     except UnicodeDecodeError as exc:
         raise error(f"{path}: {what} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "

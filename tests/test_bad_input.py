@@ -161,6 +161,11 @@ def test_non_utf8_files_in_every_reader(tmp_path, capsys):
     (run / checkpoint_files.TRACKER).write_bytes(LATIN1)
     with pytest.raises(UserError, match="checkpoint tracker is not UTF-8"):
         checkpoint_files.latest_iteration(str(run))
+    from tools import fit
+    csv_file = tmp_path / "mixtures.csv"
+    csv_file.write_bytes(b"index,web\n0," + LATIN1 + b"\n")
+    assert "CSV file is not UTF-8" in one_line_error(
+        fit.main, ["--mixtures", csv_file, "--losses", csv_file, "--target", "web", "--out", tmp_path / "s"], capsys)
 
 
 # ------------------------------------------------------------------------------------------ token data

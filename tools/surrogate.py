@@ -10,6 +10,7 @@ The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 
 from megatron_ext.atomic import atomic_path, atomic_write
 from megatron_ext.errors import UserError
+from megatron_ext.text_files import read_text
 
 MODEL_KINDS = ("lgbm", "ridge")
 
@@ -45,8 +47,7 @@ def sha256_files(paths) -> str:
 def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path, "CSV file", newline=""))))
     if not rows:
         raise UserError(f"{path}: empty file")
     return rows[0], rows[1:]
