@@ -129,6 +129,22 @@ def test_output_paths_that_are_files_or_read_only(corpus, tmp_path):
             check_outputs(parse_args(launcher_args(sched, "--save", locked / "run")))
 
 
+def test_tool_output_paths_under_a_file(corpus, tmp_path, capsys):
+    from tools import fit
+    from tools import sweep as sweep_cli
+    root, _, _ = corpus
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    assert "sweep " + str(a_file / "s") in one_line_error(
+        sweep_cli.main, ["sample", a_file / "s", "--tokens", root / "tok" / "tokens.json", "--n", "2"], capsys)
+    regmix = os.path.join(ROOT, "tests", "data", "regmix")
+    assert "--out " + str(a_file) + ": cannot create it (exists and is not a directory)" in one_line_error(
+        fit.main, ["--mixtures", os.path.join(regmix, "train_mixture_1m.csv"), "--losses",
+                   os.path.join(regmix, "train_pile_loss_1m.csv"), "--target", "metric/the_pile_pile_cc_val_loss",
+                   "--out", a_file], capsys)
+    assert a_file.read_text() == "keep"
+
+
 def test_target_domain_must_be_a_validation_domain(corpus):
     _, _, sched = corpus
     schedule = MixtureSchedule.load(sched)

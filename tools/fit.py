@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from megatron_ext.atomic import atomic_write
+from megatron_ext.atomic import atomic_write, make_output_dir
 from megatron_ext.errors import UserError
 from tools.cli import run_main
 from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,
@@ -90,7 +90,7 @@ def cmd_fit(args) -> int:
                                       num_leaves=args.num_leaves, min_data_in_leaf=args.min_data_in_leaf,
                                       seed=args.seed, num_threads=args.threads))
     surrogate = Surrogate.fit(table, cfg, {"objective": objective, "source": source})
-    os.makedirs(args.out, exist_ok=True)
+    make_output_dir(args.out, "--out")
     if args.folds:
         report = cross_validate(table, cfg)
         summary = {k: v for k, v in report.items() if k != "oof"}

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from megatron_ext.atomic import atomic_write
+from megatron_ext.atomic import atomic_write, make_output_dir
 from megatron_ext.checkpoint_files import TRACKER, disk_usage, remove_checkpoints
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
@@ -134,7 +134,7 @@ def cmd_sample(args) -> int:
     mixtures = sampler.sample()
     for i, stages in enumerate(mixtures):
         run_dir = os.path.join(args.sweep, RUNS, f"p{i:04d}")
-        os.makedirs(run_dir, exist_ok=True)
+        make_output_dir(run_dir, "sweep")
         provenance = {"made_by": "tools.sweep sample", "proxy": i, "seed": cfg.seed, "tokens": args.tokens}
         proxy_schedule(stages, sampler.stage_starts(), domains, tokens, provenance).save(
             os.path.join(run_dir, SCHED))
@@ -584,7 +584,7 @@ def cmd_run(args) -> int:
                 if os.path.exists(path):
                     os.remove(path)
     if args.slurm:
-        os.makedirs(os.path.join(args.sweep, "slurm"), exist_ok=True)
+        make_output_dir(os.path.join(args.sweep, "slurm"), "sweep")
         path = os.path.join(args.sweep, "sweep.sbatch")
         atomic_write(path, slurm_script(args.sweep, settings, len(ids), args.runs_per_task,
                                         args.cpus_per_task, args.sbatch_arg), fsync=True)
