@@ -322,6 +322,20 @@ def test_sweep_run_flags(sampled_sweep, capsys, argv, message):
     assert message in one_line_error(sweep_cli.main, argv, capsys)
 
 
+def test_sweep_run_checks_launcher_flags_once_before_any_run(sampled_sweep, tmp_path, capsys):
+    from tools import sweep as sweep_cli
+    config = tmp_path / "proxy.yaml"
+    config.write_text("num-layers: 1\nhidden-size: 32\nnum-attention-heads: 2\nseq-length: 32\n"
+                      "micro-batch-size: 4\nglobal-batch-size: 4\nlr: 0.001\ntrain-iters: 4\neval-interval: 2\n")
+    run = ["run", sampled_sweep, "--config", config]
+    for extra, message in ((["--", "--target-domain", "nosuch"], "--target-domain 'nosuch' is not one of"),
+                           (["--", "--eval-iters", "0"], "--eval-iters must be positive"),
+                           (["--", "--train-iters", "-4"], "--train-iters must be positive"),
+                           (["--train-iters", "0"], "--train-iters must be positive")):
+        assert message in one_line_error(sweep_cli.main, run + extra, capsys)
+    assert not list(sampled_sweep.glob("runs/*/log.txt"))              # no proxy was started
+
+
 def test_run_one_refuses_ids_outside_the_sweep(sampled_sweep, tmp_path, capsys):
     from tools import sweep as sweep_cli
     with pytest.raises(SystemExit):          # writes runner.json for run-one

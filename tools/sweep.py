@@ -506,11 +506,14 @@ class LocalRunner:
 # run / status commands
 
 def launcher_train_settings(argv: list) -> tuple:
-    """(train_iters, eval_interval) the launcher will use for this argv, via its own parser."""
+    """(train_iters, eval_interval) the launcher will use for this argv, via its own parser; a
+    `--target-domain` that is not one of the run's validation domains fails here, once."""
     from megatron_ext.arguments import parse_args
+    from megatron_ext.preflight import check_target_domain
     args = parse_args(argv)
     if args.train_iters is None:
         raise UserError("proxy runs need --train-iters (a sweep counts evaluations per iteration)")
+    check_target_domain(args.target_domain, MixtureSchedule.load(args.data_schedule))
     return args.train_iters, args.eval_interval
 
 
