@@ -45,8 +45,16 @@ def expected_model_shape(args, padded_vocab: int) -> dict:
     return {**{f: getattr(args, f) for f in MODEL_SHAPE_FIELDS}, "padded_vocab_size": padded_vocab}
 
 
+def recorded_shape(state: dict) -> dict:
+    """The model shape a checkpoint's state records (older checkpoints: the fields of its args)."""
+    if "model_shape" in state:
+        return state["model_shape"]
+    args = state.get("args") or {}
+    return {f: args[f] for f in MODEL_SHAPE_FIELDS if args.get(f) is not None}
+
+
 def shape_mismatch(saved: dict, wanted: dict) -> str:
-    """'' when compatible, else the first differing field as 'field X (checkpoint) vs Y (now)'."""
+    """'' when compatible, else the first differing field as '--flag X in the checkpoint, Y now'."""
     for key, value in wanted.items():
         if key in saved and saved[key] != value:
             return f"--{key.replace('_', '-')} {saved[key]} in the checkpoint, {value} now"
@@ -133,7 +141,7 @@ def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
         return None
     path = latest_checkpoint(root)
     extra = read_state(path)
-    mismatch = shape_mismatch(extra.get("model_shape", {}), model_shape(model))
+    mismatch = shape_mismatch(recorded_shape(extra), model_shape(model))
     if mismatch:
         raise UserError(f"--load {root}: checkpoint of another model ({mismatch})")
     try:

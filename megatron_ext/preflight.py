@@ -12,7 +12,8 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
 
 from megatron_ext.checkpoint_files import latest_iteration
-from megatron_ext.checkpointing import expected_model_shape, latest_checkpoint, read_state, shape_mismatch
+from megatron_ext.checkpointing import (expected_model_shape, latest_checkpoint, read_state, recorded_shape,
+                                        shape_mismatch)
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule, domain_name
 from megatron_ext.scheduled_dataset import valid_prefixes_for
@@ -117,7 +118,7 @@ def check_resume(load: str, wanted_shape: dict) -> None:
     if not load or not os.path.isdir(load) or latest_iteration(load) is None:
         return
     path = latest_checkpoint(load)
-    mismatch = shape_mismatch(read_state(path).get("model_shape", {}), wanted_shape)
+    mismatch = shape_mismatch(recorded_shape(read_state(path)), wanted_shape)
     if mismatch:
         raise UserError(f"--load {load}: checkpoint of another model ({mismatch})")
     if not os.path.isfile(os.path.join(path, ".metadata")):

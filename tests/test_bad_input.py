@@ -377,6 +377,12 @@ def test_launcher_keeps_only_the_latest_checkpoint_and_refuses_another_model(cor
     assert (save / "train_log.jsonl").read_text() == log                # nothing trained, nothing lost
     assert checkpoint_files.checkpoint_iterations(str(save)) == [4]
 
+    for shard in (save / "iter_0000004").glob("*.distcp"):             # damaged shards: only loading sees it
+        shard.write_bytes(shard.read_bytes()[:100])
+    r = launch(launcher_args(sched, "--save", save, "--load", save))
+    assert "cannot load checkpoint" in assert_one_line(r)
+    assert (save / "train_log.jsonl").read_text() == log
+
 
 def _children(pid: int) -> list:
     out = []
