@@ -27,6 +27,7 @@ from megatron_ext.atomic import atomic_write
 from megatron_ext.checkpoint_files import (TRACKER, checkpoint_dir, latest_iteration, prune_checkpoints,
                                            remove_stale_saves)
 from megatron_ext.errors import UserError
+from megatron_ext.ownership import checkpoint_writes_die_with_launcher
 
 STATE = "regmixd_state.pt"
 MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
@@ -120,6 +121,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, extra: dict, ke
         remove_stale_saves(root)  # saves killed earlier, of any iteration
         os.makedirs(tmp)
     _barrier()
+    checkpoint_writes_die_with_launcher()
     dist_checkpointing.save(sharded_state(model, optimizer), tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:

@@ -9,7 +9,8 @@
   (b) every process the launcher forks (megatron-core's checkpoint writer processes);
   (c) megatron-core's spawned multiprocessing manager behind its checkpoint write-results queue,
   which otherwise outlives a killed launcher. megatron-core creates that queue lazily in a module
-  global of `filesystem_async`; we create it first, with a manager that gets the signal at start.
+  global of `filesystem_async`; `checkpoint_writes_die_with_launcher` (called before each save)
+  creates it first, with a manager that arms the signal as it starts.
 """
 import ctypes
 import fcntl
@@ -74,26 +75,35 @@ def _after_fork_in_child() -> None:
         die_with_parent(os.getppid())
 
 
-def die_with_launcher(checkpoint_writes: bool = True) -> None:
-    """Make this launcher's helper processes (and itself, under torchrun) die with their parent.
-    Call from the main thread before torch.distributed starts; `checkpoint_writes`: the run saves."""
+def die_with_launcher() -> None:
+    """Make this launcher (under torchrun) and every process it forks die with their parent.
+    Call from the main thread before torch.distributed starts."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent(os.getppid())
+    _arm_forked_children()
+
+
+def _arm_forked_children() -> None:
     if not _fork_hook["registered"]:
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _fork_hook["registered"] = True
-    if checkpoint_writes:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-        if filesystem_async._results_queue is None:
-            # the same spawn context as megatron-core's own `_get_write_results_queue`
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
-            filesystem_async._results_queue = manager.Queue()
-            _managers.append(manager)
+
+
+def checkpoint_writes_die_with_launcher() -> None:
+    """Before megatron-core's first checkpoint save (from the main thread): its write-results queue,
+    created here by a manager that dies with this process, as megatron-core would create it lazily."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    _arm_forked_children()   # megatron-core's writer processes are forked from this thread
+    if filesystem_async._results_queue is None:
+        # the same spawn context as megatron-core's own `_get_write_results_queue`
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+        _managers.append(manager)
 
 
 def own_launch(args) -> None:
     """The launcher's start: rank 0 locks `--save`; every rank's helpers die with it."""
     if args.save and int(os.environ.get("RANK", "0")) == 0:
         hold_save_dir(args.save)
-    die_with_launcher(checkpoint_writes=bool(args.save))
+    die_with_launcher()

@@ -417,7 +417,8 @@ def test_save_dir_is_owned_and_helpers_die_with_the_launcher(corpus, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", str(port), LAUNCHER,
-           *launcher_args(sched, "--save", save, "--train-iters", 100000, "--eval-interval", 100000)]
+           *launcher_args(sched, "--save", save, "--train-iters", 100000, "--eval-interval", 100000,
+                          "--save-interval", 1)]
     torchrun = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     worker = manager = None
@@ -431,7 +432,7 @@ def test_save_dir_is_owned_and_helpers_die_with_the_launcher(corpus, tmp_path):
                 worker = workers[0]
                 spawned = [c for c in _children(worker) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
                 manager = spawned[0] if spawned else None
-        assert manager is not None, "the launcher never started its write-results manager"
+        assert manager is not None, "the launcher never started its write-results manager (first save)"
         assert f"pid {worker}" in (save / ".regmixd_save.lock").read_text()
 
         r = launch(launcher_args(sched, "--save", save))
