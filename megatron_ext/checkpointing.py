@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingException
+from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.checkpoint_files import (TRACKER, checkpoint_dir, latest_iteration, prune_checkpoints,
@@ -31,9 +32,10 @@ from megatron_ext.ownership import checkpoint_writes_die_with_launcher
 
 STATE = "regmixd_state.pt"
 MODEL_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
-# what a damaged or foreign checkpoint raises while being read
-_UNREADABLE = (CheckpointingException, OSError, EOFError, pickle.UnpicklingError, RuntimeError, KeyError,
-               ValueError)
+# what a damaged or foreign checkpoint raises while being read (torch.distributed.checkpoint's
+# CheckpointException, which wraps a shard's read error, derives from BaseException)
+_UNREADABLE = (CheckpointingException, TorchCheckpointException, OSError, EOFError, pickle.UnpicklingError,
+               RuntimeError, KeyError, ValueError)
 
 
 def model_shape(model) -> dict:

@@ -28,7 +28,7 @@ LOCK_FILE = ".regmixd_save.lock"
 _PR_SET_PDEATHSIG = 1
 _held = {}        # absolute save path -> open descriptor holding the lock (for the process's lifetime)
 _managers = []    # the write-results manager: kept referenced so it lives as long as the launcher
-_fork_hook = {"registered": False, "from_main_thread": False}
+_fork_hook = {"registered": False, "from_main_thread": False, "parent": 0}
 
 
 def hold_save_dir(save: str) -> None:
@@ -68,11 +68,12 @@ def die_with_parent(parent_pid: int) -> None:
 def _before_fork() -> None:
     # the signal fires when the forking *thread* ends: arm it only for forks from the main thread
     _fork_hook["from_main_thread"] = threading.current_thread() is threading.main_thread()
+    _fork_hook["parent"] = os.getpid()   # read in the child: a parent dying mid-fork is then noticed
 
 
 def _after_fork_in_child() -> None:
     if _fork_hook["from_main_thread"]:
-        die_with_parent(os.getppid())
+        die_with_parent(_fork_hook["parent"])
 
 
 def die_with_launcher() -> None:

@@ -397,6 +397,13 @@ def _children(pid: int) -> list:
     return out
 
 
+def _descendants(pid: int) -> list:
+    out = []
+    for child in _children(pid):
+        out += [child] + _descendants(child)
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
@@ -438,20 +445,26 @@ def test_save_dir_is_owned_and_helpers_die_with_the_launcher(corpus, tmp_path):
         r = launch(launcher_args(sched, "--save", save))
         assert "in use by another launcher (pid" in assert_one_line(r)
 
+        tree = [worker] + _descendants(worker)                             # manager, forked writers, tracker
         os.killpg(torchrun.pid, signal.SIGKILL)                            # the worker is in its own session
         torchrun.wait()
         deadline = time.time() + 60
-        while time.time() < deadline and (_alive(worker) or _alive(manager)):
+        while time.time() < deadline and any(map(_alive, tree)):
             time.sleep(0.5)
-        assert not _alive(worker) and not _alive(manager)
-        probe = subprocess.run([PY, "-c", "import sys; from megatron_ext.ownership import hold_save_dir; "
-                                          "hold_save_dir(sys.argv[1])", str(save)], env=env(), cwd=ROOT,
-                               capture_output=True, text=True)
-        assert probe.returncode == 0, probe.stderr                        # the lock died with its holder
+        assert not [pid for pid in tree if _alive(pid)], "helpers outlived the launcher"
+        for _ in range(10):                                                # the lock died with its holder
+            probe = subprocess.run([PY, "-c", "import sys; from megatron_ext.ownership import hold_save_dir; "
+                                              "from tools.cli import run_main; run_main(lambda a: hold_save_dir(a[0]), "
+                                              "sys.argv[1:])", str(save)], env=env(), cwd=ROOT,
+                                   capture_output=True, text=True)
+            if probe.returncode == 0:
+                break
+            time.sleep(3)
+        assert probe.returncode == 0, probe.stderr
     finally:
         if torchrun.poll() is None:
             os.killpg(torchrun.pid, signal.SIGKILL)
             torchrun.wait()
-        for pid in (worker, manager):                                   # only if the test failed
-            if pid and _alive(pid):
+        for pid in ([worker] + _descendants(worker) if worker else []):  # only if the test failed
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
