@@ -34,9 +34,11 @@ from megatron_ext.errors import UserError
 from megatron_ext.evaluation import (JsonLines, evaluate_domains, microbatches, reduce_last_stage_mean,
                                      target_loss)
 from megatron_ext.model import build_model, layer_spec_kind, padded_vocab_size, params_dtype, transformer_config
+from megatron_ext.ownership import own_launch
+from megatron_ext.preflight import preflight
 from megatron_ext.schedule import MixtureSchedule, domain_name
 from megatron_ext.scheduled_dataset import build_train_valid_datasets
-from megatron_ext.tokenizer import build_tokenizer
+from megatron_ext.tokenizer import build_tokenizer, token_id_limit
 from tools.cli import run_main
 
 
@@ -102,6 +104,7 @@ def train(args) -> int:
     train_samples = args.train_samples or args.train_iters * args.global_batch_size
     train_iters = train_samples // args.global_batch_size
     schedule = load_schedule(args)
+    preflight(args, schedule, token_id_limit(tokenizer), vocab)  # before any data is built or model trained
     train_ds, valid_by_domain = build_train_valid_datasets(
         schedule, train_samples=train_iters * args.global_batch_size, global_batch_size=args.global_batch_size,
         seq_length=args.seq_length, seed=args.seed, tokenizer=tokenizer, cache_dir=args.data_cache_path)
@@ -169,7 +172,7 @@ def train(args) -> int:
     def save():
         save_checkpoint(args.save, iteration, gpt, optimizer, dict(
             consumed_samples=consumed, scheduler=scheduler.state_dict(), dataset=train_ds.state_dict(),
-            args=vars(args), **parallel_layout()))
+            args=vars(args), **parallel_layout()), keep=args.keep_last_checkpoints)
 
     train_seconds, tokens_since = 0.0, 0  # tokens/s counts training steps only, not evaluation or saves
     while iteration < train_iters:
@@ -227,7 +230,9 @@ def tensorboard_writer(path):
 
 def main(argv=None) -> int:
     try:
-        return train(parse_args(argv))
+        args = parse_args(argv)
+        own_launch(args)  # lock --save for this process's lifetime; helper processes die with it
+        return train(args)
     except UserError:
         if int(os.environ.get("RANK", "0")) != 0:  # every rank exits 2; rank 0 prints the one line
             sys.exit(2)

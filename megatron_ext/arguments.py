@@ -10,6 +10,7 @@ import shlex
 import yaml
 
 from megatron_ext.errors import UserError
+from megatron_ext.text_files import read_text
 from megatron_ext.tokenizer import TOKENIZER_TYPES
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save")
     io.add_argument("--load")
     io.add_argument("--save-interval", type=int)
+    io.add_argument("--keep-last-checkpoints", type=int, default=0,
+                    help="after each save keep only the newest N checkpoints (0: keep all, as Megatron-LM)")
     io.add_argument("--exit-interval", type=int, help="save and exit after this iteration")
     io.add_argument("--eval-interval", type=int, default=1000)
     io.add_argument("--eval-iters", type=int, default=10)
@@ -88,8 +91,7 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list:
     """A config file as argv, so it is parsed (and checked) exactly like the command line."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such file")
-    with open(path) as f:
-        text = f.read()
+    text = read_text(path, "--config file")
     if path.endswith((".yaml", ".yml")):
         try:
             values = yaml.safe_load(text) or {}
@@ -106,7 +108,10 @@ def _config_argv(path: str, parser: argparse.ArgumentParser) -> list:
             if value is not True:
                 argv.extend(str(v) for v in value) if isinstance(value, list) else argv.append(str(value))
         return argv
-    return shlex.split(text, comments=True)
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError as exc:  # shlex: "No closing quotation" / "No escaped character"
+        raise UserError(f"--config {path}: not a valid args file ({exc})") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -148,8 +153,18 @@ def _complete(args) -> None:
                  "eval_interval", "log_interval"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.eval_iters < 0:
-        raise UserError("--eval-iters must be >= 0")
+    for name in ("train_iters", "train_samples", "save_interval", "exit_interval", "lr_decay_iters"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.train_samples is not None and args.train_samples < args.global_batch_size:
+        raise UserError(f"--train-samples {args.train_samples} is less than one global batch "
+                        f"({args.global_batch_size})")
+    if args.eval_iters <= 0:  # every evaluation measures each domain: zero batches would be no measurement
+        raise UserError(f"--eval-iters must be positive, got {args.eval_iters}")
+    if args.keep_last_checkpoints < 0:
+        raise UserError(f"--keep-last-checkpoints must be >= 0, got {args.keep_last_checkpoints}")
+    if args.lr_warmup_iters < 0:
+        raise UserError(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     if args.hidden_size % args.num_attention_heads:
         raise UserError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                         f"{args.num_attention_heads}")
@@ -166,7 +181,9 @@ def _complete(args) -> None:
     if args.lr_warmup_iters >= (args.lr_decay_iters or iters) and args.lr_warmup_iters > 0:
         raise UserError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations "
                         f"({args.lr_decay_iters or iters}: --lr-decay-iters, else the training iterations)")
-    if args.load and not os.path.isdir(args.load):
+    # the README's first run, `--save runs/t --load runs/t`, starts fresh when runs/t does not exist yet
+    starts_fresh = args.save and os.path.abspath(args.load or "") == os.path.abspath(args.save)
+    if args.load and not os.path.isdir(args.load) and not (starts_fresh and not os.path.exists(args.load)):
         raise UserError(f"--load {args.load}: no such directory")
     if args.trajectory_file is None and args.save:
         args.trajectory_file = os.path.join(args.save, "trajectory.jsonl")

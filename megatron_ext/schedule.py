@@ -13,6 +13,7 @@ from typing import Optional
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
+from megatron_ext.text_files import read_json_file, read_text
 
 SCHEDULE_VERSION = 1
 UNITS = ("fraction", "samples", "iterations", "tokens")
@@ -126,17 +127,7 @@ class MixtureSchedule:
     @classmethod
     def load(cls, path: str, base_dir: Optional[str] = None) -> "MixtureSchedule":
         """Read and structurally validate `sched.json` (files are checked by `validate`)."""
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError as exc:
-            raise ScheduleError(f"{path}: cannot read schedule ({exc.strerror})") from None
-        try:
-            d = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ScheduleError(f"{path}: not valid JSON ({exc})") from None
-        except RecursionError:
-            raise ScheduleError(f"{path}: not valid JSON (nested too deeply)") from None
+        d = read_json_file(path, "schedule", ScheduleError)
         return cls.from_dict(d, base_dir=base_dir)
 
     @classmethod
@@ -196,11 +187,7 @@ class MixtureSchedule:
     @classmethod
     def from_data_args_path(cls, path: str) -> "MixtureSchedule":
         """Megatron's `--data-args-path`: a text file holding the `--data-path` blend."""
-        try:
-            with open(path) as f:
-                items = f.read().split()
-        except OSError as exc:
-            raise ScheduleError(f"{path}: cannot read data args ({exc.strerror})") from None
+        items = read_text(path, "data args", ScheduleError).split()
         weights, prefixes = parse_blend(items, f"{path}")
         return cls("fraction", [Stage(0.0, weights, prefixes)], provenance={"made_by": "--data-args-path"})
 
@@ -209,13 +196,7 @@ class MixtureSchedule:
         """Megatron's `--per-split-data-args-path`: JSON {"train": blend, "valid": blend, "test": blend}.
 
         The test blend is not used by regmixd (it evaluates on each domain's valid split)."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except OSError as exc:
-            raise ScheduleError(f"{path}: cannot read per-split data args ({exc.strerror})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ScheduleError(f"{path}: not valid JSON ({exc})") from None
+        d = read_json_file(path, "per-split data args", ScheduleError)
         if not isinstance(d, dict) or d.get("train") is None:
             raise ScheduleError(f"{path}: expected a JSON object with a 'train' blend")
         unknown = sorted(set(map(str, d)) - {"train", "valid", "test"})

@@ -314,11 +314,14 @@ class ScheduledBlendedDataset(torch.utils.data.Dataset):
         path = lambda suffix: os.path.join(self.cache_dir, f"{key}-{type(self).__name__}-{suffix}")
         files = [path("description.json"), path("dataset_index.npy"), path("dataset_sample_index.npy")]
         if all(map(os.path.isfile, files)):
-            with open(files[0]) as f:
-                counts = np.asarray(json.load(f)["counts"], dtype=np.int64)
-            di[:] = np.load(files[1], mmap_mode="r")
-            dsi[:] = np.load(files[2], mmap_mode="r")
-            return counts
+            try:
+                with open(files[0], encoding="utf-8") as f:
+                    counts = np.asarray(json.load(f)["counts"], dtype=np.int64)
+                di[:] = np.load(files[1], mmap_mode="r")
+                dsi[:] = np.load(files[2], mmap_mode="r")
+                return counts
+            except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:  # damaged by hand: rebuild
+                logger.warning("index cache entry %s is damaged (%s): rebuilding it", files[0], exc)
         counts = blend_stage(di, dsi, weights, offsets)
         for file, array in ((files[1], di), (files[2], dsi)):
             with atomic_path(file, suffix=".npy") as tmp:
@@ -351,6 +354,48 @@ class ScheduledBlendedDataset(torch.utils.data.Dataset):
             d = todo[0]
             raise ScheduleError(f"domain {self._domains[d]}: dataset has {len(self.datasets[d])} samples, "
                                 f"the schedule draws {totals[d]}")
+
+
+class CacheCheckedGPTDataset(GPTDataset):
+    """megatron-core's GPTDataset, except that a damaged index cache entry is rebuilt, not fatal.
+
+    GPTDataset writes its cache (`<hash>-<class>-<split>-{description.txt,document_index.npy,
+    sample_index.npy,shuffle_index.npy}`) in place with `numpy.save`, so a killed write leaves a
+    truncated `.npy` that every later run would load and fail on. Before megatron-core looks at its
+    cache, this subclass opens each entry the way GPTDataset will (`numpy.load`, mmap) and deletes an
+    entry that does not load whole, so megatron-core builds it again. The arrays are megatron-core's.
+    """
+
+    def _build_document_sample_shuffle_indices(self):
+        if not (self.config.defer_npy_index_mmap or self.config.fast_cache_load or self.config.mock):
+            drop_damaged_cache_entry(self._cache_files())
+        return super()._build_document_sample_shuffle_indices()
+
+    def _cache_files(self) -> list[str]:
+        """The four cache files, at the paths GPTDataset._build_document_sample_shuffle_indices uses."""
+        folder = self.config.path_to_cache or os.path.join(self.dataset.path_prefix, "cache",
+                                                           f"{type(self).__name__}_indices")
+        base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
+        return [os.path.join(folder, f"{base}-{affix}") for affix in
+                ("description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy")]
+
+
+def drop_damaged_cache_entry(files: list[str]) -> bool:
+    """Delete a complete cache entry (description + `.npy` files) whose arrays do not load; True if dropped."""
+    if not all(map(os.path.isfile, files)):
+        return False   # absent or partial: megatron-core rebuilds it anyway
+    try:
+        for file in files[1:]:
+            np.load(file, allow_pickle=True, mmap_mode="r")
+        return False
+    except (OSError, ValueError, EOFError) as exc:
+        logger.warning("index cache entry %s is damaged (%s): rebuilding it", files[0], exc)
+    for file in files:
+        try:
+            os.remove(file)
+        except FileNotFoundError:
+            pass
+    return True
 
 
 def gpt_dataset_config(*, seed: int, seq_length: int, tokenizer, train_prefixes: list[str],
@@ -395,7 +440,7 @@ def build_train_valid_datasets(schedule: MixtureSchedule, *, train_samples: int,
         raise ScheduleError(f"valid: two prefixes name the same domain ({valid_names})")
     config = gpt_dataset_config(seed=seed, seq_length=seq_length, tokenizer=tokenizer, train_prefixes=train_prefixes,
                                 valid_prefixes=valid_prefixes, cache_dir=cache_dir, **config_kwargs)
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [train_samples, valid_samples_per_domain, None],
+    builder = BlendedMegatronDatasetBuilder(CacheCheckedGPTDataset, [train_samples, valid_samples_per_domain, None],
                                             is_built_on_rank or (lambda: True), config)
     train_split = [(0.0, 1.0), None, None]
 

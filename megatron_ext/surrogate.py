@@ -290,6 +290,9 @@ class Surrogate:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"{meta_path}: not a surrogate's meta.json (unreadable, or written by an older "
                             "tools.fit without file checksums: refit)") from None
+        unchecked = [n for n in names if n not in sums]
+        if unchecked:
+            raise UserError(f"{meta_path}: no sha256 for model file {unchecked[0]!r} (refit the surrogate)")
         for name, digest in sums.items():
             path = os.path.join(folder, name)
             if not os.path.isfile(path):

@@ -55,6 +55,12 @@ def build_tokenizer(tokenizer_type: str, *, tokenizer_model: Optional[str] = Non
     raise UserError(f"unknown --tokenizer-type {tokenizer_type!r} (choose from {', '.join(TOKENIZER_TYPES)})")
 
 
+def token_id_limit(tokenizer: MegatronTokenizerBase) -> int:
+    """Token ids the tokenizer can produce lie in [0, this). Megatron's NullTokenizer puts its EOD at
+    --vocab-size, outside its `vocab_size`; max() holds for every tokenizer."""
+    return max(tokenizer.vocab_size, tokenizer.eod + 1)
+
+
 def tokenizer_record(tokenizer_type: str, tokenizer: MegatronTokenizerBase, *, tokenizer_model=None,
                      vocab_file=None, merge_file=None, vocab_size=None) -> Dict:
     """The `tokenizer` block of tokens.json: enough to rebuild the tokenizer with `build_from_record`.

@@ -33,3 +33,19 @@ def test_mode_is_what_open_gives(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "a").st_mode & 0o777 == 0o640
+
+
+def test_unwritable_destinations_are_one_line_user_errors(tmp_path):
+    from megatron_ext.errors import UserError
+    a_file = tmp_path / "file"
+    a_file.write_text("keep")
+    for path, message in ((a_file / "out.json", "cannot write there"), (tmp_path, "is a directory")):
+        with pytest.raises(UserError, match=message) as info:
+            atomic_write(str(path), "x")
+        assert "\n" not in str(info.value)
+    assert a_file.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["file"]
+    if os.geteuid() != 0:                                              # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="cannot write there"):
+            atomic_write(str(locked / "out.json"), "x")

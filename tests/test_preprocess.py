@@ -226,6 +226,7 @@ def test_bad_lines_are_counted_and_reported(tmp_path):
     ("vocab_too_big", "sentencepiece training failed"),
     ("model_not_found", "no such file"),
     ("no_training_text", "no usable text to train SentencePiece"),
+    ("output_is_a_file", "--output"),
 ])
 def test_bad_input_is_one_line_error_and_leaves_no_output(tmp_path, capsys, case, message):
     raw = tmp_path / "raw"
@@ -246,10 +247,15 @@ def test_bad_input_is_one_line_error_and_leaves_no_output(tmp_path, capsys, case
             (raw / domain / "train.jsonl").write_text('{"text": ""}\n')
     elif case == "model_not_found":
         argv += ["--tokenizer-model", str(tmp_path / "missing.model")]
+    elif case == "output_is_a_file":
+        (tmp_path / "tok").write_text("keep")
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     out = tmp_path / "tok"
+    if case == "output_is_a_file":
+        assert "exists and is not a directory" in err and out.read_text() == "keep"
+        return
     assert not out.exists() or os.listdir(out) == []  # never a partial output

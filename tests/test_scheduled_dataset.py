@@ -292,3 +292,28 @@ def test_valid_datasets_cover_each_file_deterministically(data, tok):
         assert all(np.array_equal(ds[i]["tokens"], again[name][i]["tokens"]) for i in range(len(ds)))
     _, more = build_train_valid_datasets(sched, **kw, valid_samples_per_domain=3 * len(valid["web"]))
     assert len(more["web"]) >= 3 * len(valid["web"])
+
+
+def test_truncated_index_cache_files_are_rebuilt(data, tok, tmp_path):
+    """A killed cache write (ours or megatron-core's GPTDataset `.npy` files) leaves a truncated file;
+    the next run rebuilds that entry and gets the same arrays instead of failing on it."""
+    sched = schedule(data, [(0, {"web": 0.6, "wiki": 0.4}), (0.5, {"web": 0.2, "code": 0.8})])
+    cache = tmp_path / "cache"
+
+    def build():
+        return build_train_valid_datasets(sched, train_samples=300, global_batch_size=1, seq_length=SEQ,
+                                          seed=1234, tokenizer=tok, cache_dir=str(cache))
+
+    first, valid = build()
+    truncated = sorted(cache.glob("*.npy"))
+    assert any("GPTDataset" in p.name for p in truncated) and any("ScheduledBlended" in p.name for p in truncated)
+    for path in truncated:
+        path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+    second, valid2 = build()
+    assert np.array_equal(first.dataset_index, second.dataset_index)
+    assert np.array_equal(first.dataset_sample_index, second.dataset_sample_index)
+    for a, b in zip(first.datasets, second.datasets):
+        assert np.array_equal(a.shuffle_index, b.shuffle_index) and np.array_equal(a.sample_index, b.sample_index)
+    assert all(np.load(p, allow_pickle=True, mmap_mode="r") is not None for p in truncated)   # whole again
+    assert [np.asarray(valid2[d][0]["tokens"]).tolist() for d in valid2] == \
+        [np.asarray(valid[d][0]["tokens"]).tolist() for d in valid]

@@ -25,7 +25,7 @@ import argparse, json, os, sys, time
 p = argparse.ArgumentParser()
 p.add_argument("--save"); p.add_argument("--load"); p.add_argument("--control")
 p.add_argument("--train-iters", type=int); p.add_argument("--eval-interval", type=int)
-p.add_argument("--save-interval", type=int)
+p.add_argument("--save-interval", type=int); p.add_argument("--keep-last-checkpoints", type=int)
 a = p.parse_args()
 ctl = json.load(open(a.control))
 run = os.path.basename(a.save.rstrip("/"))
@@ -229,11 +229,15 @@ def test_runner_runs_all_then_skips_finished(fake):
     sweep_cli(*run_args(sweep, command, "--jobs", 2))
     assert len([e for e in events() if e["kind"] == "start"]) == 6     # nothing ran again
     assert "done 6" in sweep_cli("status", sweep).stdout
-    # killed after the launcher finished but before `done` was written: marked, not run again
+    tracker = sweep / "runs/p0002/latest_checkpointed_iteration.txt"
+    assert not tracker.exists()                                        # done runs keep no checkpoint
+    # killed after the launcher finished (its final checkpoint is there) but before `done` was written:
+    # marked, not run again, and its checkpoint removed then
     (sweep / "runs/p0002/done").unlink()
+    tracker.write_text("8")
     sweep_cli(*run_args(sweep, command, "--jobs", 2))
     assert len([e for e in events() if e["kind"] == "start"]) == 6
-    assert (sweep / "runs/p0002/done").exists()
+    assert (sweep / "runs/p0002/done").exists() and not tracker.exists()
 
 
 def test_runner_retries_and_reports_failures(fake):
@@ -359,6 +363,11 @@ def test_two_real_proxies_through_the_launcher(tmp_path, tok):
         assert set(lines[-1]["losses"]) == {"books", "code", "web"}
         for domain, w in sched.weights_dict(0).items():
             assert abs(lines[-1]["weights"].get(domain, 0.0) - w) < 1e-6
+        # a finished proxy keeps its trajectory, not its checkpoints (the launcher kept only the latest)
+        assert not [p for p in os.listdir(sweep / "runs" / run) if p.startswith("iter_")]
+        assert not (sweep / "runs" / run / "latest_checkpointed_iteration.txt").exists()
+    status = sweep_cli("status", sweep).stdout
+    assert "done 2" in status and "checkpoints 0.0 MB" in status and "MB per finished proxy" in status, status
     out = subprocess.run([PY, "-m", "tools.collect", str(sweep)], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     assert out.stdout.startswith("collected 2 of 2 runs"), out.stdout

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from megatron_ext.atomic import atomic_write
+from megatron_ext.atomic import atomic_write, make_output_dir
 from megatron_ext.errors import UserError
 from megatron_ext.surrogate import MODELS, Surrogate
 from tools.cli import run_main
@@ -120,7 +120,7 @@ def cmd_fit(args) -> int:
         if leaf < cfg.lgbm.min_data_in_leaf:
             print(f"note: LightGBM min_data_in_leaf {cfg.lgbm.min_data_in_leaf} -> {leaf} for the {part} "
                   "(a tenth of its rows: fewer rows would fit a constant)", file=sys.stderr)
-    os.makedirs(args.out, exist_ok=True)
+    make_output_dir(args.out, "--out")
     if args.folds:
         report = cross_validate(table, cfg)
         summary = {k: v for k, v in report.items() if k != "oof"}

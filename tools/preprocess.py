@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from megatron_ext.atomic import make_output_dir  # noqa: E402
 from megatron_ext.errors import UserError  # noqa: E402
 from megatron_ext.tokenizer import (TOKENIZER_TYPES, build_from_record, build_tokenizer,  # noqa: E402
                                     tokenizer_record, train_sentencepiece)
@@ -311,7 +312,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     if (cfg.vocab_file or cfg.merge_file) and cfg.tokenizer_type != "GPT2BPETokenizer":
         raise UserError("--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer")
     domains = find_domains(cfg.input, cfg.domains)
-    os.makedirs(cfg.output, exist_ok=True)
+    make_output_dir(cfg.output, "--output")
     staging = _Staging()
     pool = None
     try:

@@ -9,6 +9,7 @@ Two modes share one table layout (rows × common features, a per-target loss sta
 The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
+import io
 import os
 from dataclasses import asdict, dataclass, field, replace
 
@@ -18,6 +19,7 @@ from megatron_ext.atomic import atomic_path
 from megatron_ext.errors import UserError
 from megatron_ext.surrogate import (Ridge, Surrogate, encode_features, feature_names, nonembedding_parameters,
                                     piecewise_average, sha256_files)
+from megatron_ext.text_files import read_text
 
 MODEL_KINDS = ("lgbm", "ridge")
 
@@ -37,8 +39,7 @@ def save_figure(fig, path: str) -> None:
 def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path, "CSV file", newline=""))))
     if not rows:
         raise UserError(f"{path}: empty file")
     return rows[0], rows[1:]

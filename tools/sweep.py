@@ -10,6 +10,9 @@ Layout: sweep/NAME/sweep.json (sampling settings), runner.json (run settings), r
 and per run the launcher's --save output plus `done` / `failed` markers, `state.json` (failed attempts),
 `claim` (who runs it) and `log.txt`.
 
+Disk: a proxy keeps only its latest checkpoint while it runs (the launcher's
+`--keep-last-checkpoints 1`) and none once it is done; `run --keep-checkpoints` keeps them all.
+
 Exactly-once: `run-one` holds an exclusive flock on the run directory for as long as the run lives, and
 hands the locked descriptor down to the launcher, so the lock outlives a killed runner as long as its
 launcher still runs, and vanishes with the last process holding it (a dead pid's claim is stale and is
@@ -30,9 +33,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from megatron_ext.atomic import atomic_write
+from megatron_ext.atomic import atomic_write, make_output_dir
+from megatron_ext.checkpoint_files import TRACKER, disk_usage, remove_checkpoints
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
+from megatron_ext.text_files import read_json_file, read_text
 from tools.cli import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +45,6 @@ LAUNCHER = os.path.join(REPO, "pretrain_regmixd.py")
 SWEEP_JSON, RUNNER_JSON, RUNS = "sweep.json", "runner.json", "runs"
 SCHED, TRAJECTORY, DONE, FAILED = "sched.json", "trajectory.jsonl", "done", "failed"
 CLAIM, STATE, LOG = "claim", "state.json", "log.txt"
-CHECKPOINT_TRACKER = "latest_checkpointed_iteration.txt"   # Megatron-LM's; the launcher keeps it
 EXIT_BUSY = 3  # run-one: another process holds the run
 DEFAULT_COMMAND = ("{python} {launcher} --config {config} --data-schedule {sched} --save {run_dir} {load} "
                    "{train} --seed {seed} {tokenizer} {extra}")
@@ -51,13 +55,10 @@ def write_json(path: str, obj) -> None:
 
 
 def read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+    """The file's JSON value, None when it does not exist; unreadable or not JSON: one-line error."""
+    if not os.path.exists(path):
         return None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})")
+    return read_json_file(path)
 
 
 def trajectory_records(run_dir: str) -> list:
@@ -66,14 +67,13 @@ def trajectory_records(run_dir: str) -> list:
     if not os.path.exists(path):
         return []
     records = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}: line {len(records) + 1} is not valid JSON")
+    for line in read_text(path, "trajectory").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: line {len(records) + 1} is not valid JSON") from None
     return records
 
 
@@ -134,7 +134,7 @@ def cmd_sample(args) -> int:
     mixtures = sampler.sample()
     for i, stages in enumerate(mixtures):
         run_dir = os.path.join(args.sweep, RUNS, f"p{i:04d}")
-        os.makedirs(run_dir, exist_ok=True)
+        make_output_dir(run_dir, "sweep")
         provenance = {"made_by": "tools.sweep sample", "proxy": i, "seed": cfg.seed, "tokens": args.tokens}
         proxy_schedule(stages, sampler.stage_starts(), domains, tokens, provenance).save(
             os.path.join(run_dir, SCHED))
@@ -162,6 +162,7 @@ class RunSettings:
     tokenizer: list = field(default_factory=list)
     extra: list = field(default_factory=list)
     cwd: str = ""
+    keep_checkpoints: bool = False    # False: only the latest while running, none once done
 
     @classmethod
     def load(cls, sweep: str) -> "RunSettings":
@@ -175,6 +176,8 @@ def run_ids(sweep: str) -> list:
     if read_json(os.path.join(sweep, SWEEP_JSON)) is None:
         raise UserError(f"{sweep}: not a sampled sweep (no {SWEEP_JSON}); run `tools.sweep sample` first")
     root = os.path.join(sweep, RUNS)
+    if not os.path.isdir(root):
+        raise UserError(f"{sweep}: no {RUNS}/ folder")
     return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, SCHED)))
 
 
@@ -193,14 +196,14 @@ def tokenizer_flags(tokens: dict) -> list:
 
 
 def has_checkpoint(run_dir: str) -> bool:
-    return os.path.exists(os.path.join(run_dir, CHECKPOINT_TRACKER))
+    return os.path.exists(os.path.join(run_dir, TRACKER))
 
 
 def finished_unmarked(run_dir: str, settings: "RunSettings") -> bool:
     """The launcher finished (final checkpoint, every evaluation) but the runner was killed before it
     wrote `done`: a restart must mark it, not run it again."""
     try:
-        with open(os.path.join(run_dir, CHECKPOINT_TRACKER)) as f:
+        with open(os.path.join(run_dir, TRACKER), "rb") as f:
             last = int(f.read().strip())
     except (FileNotFoundError, ValueError):
         return False
@@ -217,7 +220,8 @@ def run_command(settings: RunSettings, run_dir: str) -> list:
         "train_iters": str(settings.train_iters), "eval_interval": str(settings.eval_interval),
         "train": " ".join(f"--{flag} {value}" for flag, value in (
             ("train-iters", settings.train_iters), ("eval-interval", settings.eval_interval),
-            ("save-interval", settings.save_interval)) if value),
+            ("save-interval", settings.save_interval),
+            ("keep-last-checkpoints", 0 if settings.keep_checkpoints else 1)) if value),
         "load": f"--load {q(os.path.abspath(run_dir))}" if has_checkpoint(run_dir) else "",
         "tokenizer": " ".join(map(q, settings.tokenizer)), "extra": " ".join(map(q, settings.extra)),
     }
@@ -326,6 +330,7 @@ def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
         return EXIT_BUSY
     try:
         if os.path.exists(os.path.join(run_dir, DONE)):
+            finish_disk(run_dir, settings)   # a runner killed between `done` and the clean-up
             return 0
         if os.path.exists(os.path.join(run_dir, FAILED)):
             return 1
@@ -343,6 +348,7 @@ def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
                 write_json(os.path.join(run_dir, DONE), {
                     "run": run_id, "evals": settings.expected_evals, "attempts": state["failures"] + 1,
                     "wall_s": round(time.time() - start, 3), "finished": time.time()})
+                finish_disk(run_dir, settings)
                 return 0
             state["failures"] += 1
             state["last_error"] = reason
@@ -358,14 +364,28 @@ def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
         os.close(lock)
 
 
+def finish_disk(run_dir: str, settings: RunSettings) -> None:
+    """A done run's checkpoints are no longer needed (the trajectory is the result) unless kept."""
+    if not settings.keep_checkpoints:
+        remove_checkpoints(run_dir)
+
+
 def cmd_run_one(args) -> int:
     settings = RunSettings.load(args.sweep)
+    if args.runs_per_task < 1:
+        raise UserError(f"--runs-per-task must be at least 1, got {args.runs_per_task}")
+    everything = run_ids(args.sweep)
     ids = args.ids
     if args.task_index is not None:
-        everything = run_ids(args.sweep)
+        if args.task_index < 0:
+            raise UserError(f"--task-index must be >= 0, got {args.task_index}")
         ids = everything[args.task_index * args.runs_per_task:(args.task_index + 1) * args.runs_per_task]
     if not ids:
         raise UserError("run-one: no run ids (give IDs or --task-index)")
+    unknown = [i for i in ids if i not in everything]   # also refuses paths such as ../../elsewhere/x
+    if unknown:
+        raise UserError(f"run-one: {unknown[0]!r} is not a run of {args.sweep} (runs are {everything[0]}.."
+                        f"{everything[-1]})" if everything else f"run-one: {args.sweep} has no runs")
     codes = [run_one(args.sweep, i, settings) for i in ids]
     return max(codes)
 
@@ -486,11 +506,14 @@ class LocalRunner:
 # run / status commands
 
 def launcher_train_settings(argv: list) -> tuple:
-    """(train_iters, eval_interval) the launcher will use for this argv, via its own parser."""
+    """(train_iters, eval_interval) the launcher will use for this argv, via its own parser; a
+    `--target-domain` that is not one of the run's validation domains fails here, once."""
     from megatron_ext.arguments import parse_args
+    from megatron_ext.preflight import check_target_domain
     args = parse_args(argv)
     if args.train_iters is None:
         raise UserError("proxy runs need --train-iters (a sweep counts evaluations per iteration)")
+    check_target_domain(args.target_domain, MixtureSchedule.load(args.data_schedule))
     return args.train_iters, args.eval_interval
 
 
@@ -501,11 +524,17 @@ def make_settings(args) -> RunSettings:
         raise UserError("--config is required with the default launcher command")
     if args.retries < 0:
         raise UserError("--retries must be >= 0")
+    for flag in ("train_iters", "eval_interval", "save_interval", "expected_evals"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.run_timeout < 0:
+        raise UserError(f"--run-timeout must be >= 0, got {args.run_timeout:g}")
     settings = RunSettings(command=args.command or DEFAULT_COMMAND, config=args.config or "", seed=args.seed,
                            train_iters=args.train_iters or 0, eval_interval=args.eval_interval or 0,
                            save_interval=args.save_interval or 0, expected_evals=0, retries=args.retries,
                            run_timeout=args.run_timeout, tokenizer=tokenizer_flags(load_tokens(sweep_info["tokens"])),
-                           extra=args.extra, cwd=os.getcwd())
+                           extra=args.extra, cwd=os.getcwd(), keep_checkpoints=args.keep_checkpoints)
     first = os.path.join(args.sweep, RUNS, run_ids(args.sweep)[0])
     argv = run_command(settings, first)        # a bad template fails here, not in every run
     if default:
@@ -542,6 +571,10 @@ def slurm_script(sweep: str, settings: RunSettings, n_runs: int, runs_per_task: 
 def cmd_run(args) -> int:
     if args.jobs < 1:
         raise UserError("--jobs must be at least 1")
+    if args.runs_per_task < 1:
+        raise UserError(f"--runs-per-task must be at least 1, got {args.runs_per_task}")
+    if args.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
     ids = run_ids(args.sweep)
     if not ids:
         raise UserError(f"{args.sweep}: no runs")
@@ -554,7 +587,7 @@ def cmd_run(args) -> int:
                 if os.path.exists(path):
                     os.remove(path)
     if args.slurm:
-        os.makedirs(os.path.join(args.sweep, "slurm"), exist_ok=True)
+        make_output_dir(os.path.join(args.sweep, "slurm"), "sweep")
         path = os.path.join(args.sweep, "sweep.sbatch")
         atomic_write(path, slurm_script(args.sweep, settings, len(ids), args.runs_per_task,
                                         args.cpus_per_task, args.sbatch_arg), fsync=True)
@@ -592,7 +625,25 @@ def cmd_status(args) -> int:
             print(f"failed: {run_id} ({info['reason']}, {info['attempts']} attempts) log {info['log']}")
         counts[state] += 1
     print(f"{args.sweep}: {len(ids)} proxies: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(disk_line(args.sweep, ids, counts["done"]))
     return 0
+
+
+def disk_line(sweep: str, ids: list, done: int) -> str:
+    """`disk: X MB (checkpoints Y MB; Z MB per finished proxy)`: what the sweep occupies now."""
+    mb = 1 / 2 ** 20
+    total = disk_usage(sweep)
+    checkpoints = 0
+    finished = 0
+    for run_id in ids:
+        run_dir = os.path.join(sweep, RUNS, run_id)
+        size = sum(disk_usage(os.path.join(run_dir, name)) for name in os.listdir(run_dir)
+                   if name.startswith("iter_"))
+        checkpoints += size
+        if run_state(run_dir) == "done":
+            finished += disk_usage(run_dir)
+    per_done = f"; {finished / done * mb:.2f} MB per finished proxy" if done else ""
+    return f"disk: {total * mb:.1f} MB (checkpoints {checkpoints * mb:.1f} MB{per_done})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -631,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-interval", type=int, help="launcher checkpoint period (default: --eval-interval)")
     r.add_argument("--expected-evals", type=int, help="trajectory lines of a complete run (default: derived)")
     r.add_argument("--run-timeout", type=float, default=0.0, help="seconds before an attempt is killed (0: none)")
+    r.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every checkpoint (default: only the latest while a proxy runs, none once done)")
     r.add_argument("--command", help="per-run command template (default: the launcher); fields: "
                                      "{python} {launcher} {config} {sched} {run_dir} {id} {seed} {train_iters} "
                                      "{eval_interval} {train} {load} {tokenizer} {extra}")

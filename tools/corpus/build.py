@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from megatron_ext.atomic import atomic_path
+from megatron_ext.atomic import atomic_path, make_output_dir
 from megatron_ext.errors import UserError
 from tools.corpus.fetch import Fetcher, SourceUnavailable
 from tools.corpus.sources import DOMAINS, Source
@@ -162,7 +162,7 @@ def build_corpus(cfg: CorpusConfig) -> dict:
         raise UserError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
     if cfg.max_mb_per_domain < 0 or not 0 < cfg.valid_fraction < 1:
         raise UserError("--max-mb-per-domain must be >= 0 and --valid-fraction in (0, 1)")
-    os.makedirs(cfg.out, exist_ok=True)
+    make_output_dir(cfg.out, "--out")
     entries = {d: e for d, e in _previous_manifest(cfg.out).items()
                if d in DOMAINS and all(os.path.exists(os.path.join(cfg.out, d, f"{s}.jsonl")) for s in SPLITS)}
     built = []
