@@ -20,9 +20,11 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def collate(dataset, indices) -> dict:
-    """A micro-batch of samples, on the GPU when there is one."""
+    """A micro-batch of samples, on the GPU when there is one; a blended dataset's samples keep
+    their domain (`dataset_id`), so losses can be told apart per domain."""
     samples = [dataset[int(i)] for i in indices]
-    batch = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + (("dataset_id",) if "dataset_id" in samples[0] else ())
+    batch = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     return batch
