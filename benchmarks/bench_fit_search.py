@@ -24,8 +24,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_fit import synthetic_losses, write_synthetic_sweep  # noqa: E402  (the tests' known generator)
-from tools.search import SearchConfig, Searcher  # noqa: E402
-from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,  # noqa: E402
+from megatron_ext.mixture_search import SearchConfig  # noqa: E402
+from tools.search import rollout  # noqa: E402
+from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, fit_surrogate,  # noqa: E402
                              trajectory_table)
 
 
@@ -44,7 +45,7 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
         table = trajectory_table(folder, stages=10)
     cfg = FitConfig(lgbm=LGBMSettings(num_threads=threads))
     with timed(fitted):
-        Surrogate.fit(table, cfg)
+        fit_surrogate(table, cfg)
     print(f"fit: {runs} runs x 10 evals x {len(table.targets)} targets = {len(table.Y)} rows x "
           f"{len(table.feature_names())} features; read sweep {read['wall']:.2f} s; LightGBM (1000 rounds) + ridge "
           f"for all targets: {fitted['wall']:.1f} s wall, {fitted['cpu']:.1f} s CPU "
@@ -61,13 +62,13 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
 def bench_search(folder: str, runs: int, candidates: int, threads: int) -> None:
     write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
     table = trajectory_table(folder, stages=8, feats=TrajectoryFeatures(first_stage=True), targets=["target"])
-    surrogate = Surrogate.fit(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
+    surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
     surrogate.threads = threads
     prior = np.full(len(table.domains), 1 / len(table.domains))
     cfg = SearchConfig(stages=8, target_tokens=1e9, top_k=100, seed=0, candidates=candidates)
     took = {}
     with timed(took):
-        result = Searcher(surrogate, cfg, prior, np.full(len(prior), np.inf)).run()
+        result = rollout(surrogate, cfg, prior, np.full(len(prior), np.inf))
     stages = sum(result.searched)
     print(f"search: {candidates} candidates x {stages} searched stages x {len(prior)} domains: "
           f"{took['wall']:.1f} s wall ({took['wall'] / stages:.1f} s per stage, "
@@ -92,12 +93,12 @@ def bench_methods(folder: str, candidates: int, threads: int) -> None:
                 ("objective: mean domain loss", TrajectoryFeatures(), ["easy", "hard", "filler"])]
     for name, feats, objective in variants:
         table = trajectory_table(folder, stages=5, feats=feats, targets=objective)
-        surrogate = Surrogate.fit(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)),
+        surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)),
                                   {"objective": objective[0]})
         surrogate.threads = threads
         cfg = SearchConfig(stages=5, target_tokens=1e9, top_k=100, seed=0, candidates=candidates,
                            objective=objective)
-        result = Searcher(surrogate, cfg, prior, np.full(3, np.inf)).run()
+        result = rollout(surrogate, cfg, prior, np.full(3, np.inf))
         true, _ = synthetic_losses(result.starts, result.weights[None], [1.0])
         shares = " ".join(f"{w[0]:.2f}/{w[1]:.2f}" for w in result.weights)
         print(f"  {name:32s} {true[0, 0]:.4f}  (easy/hard per stage: {shares})", flush=True)

@@ -1,4 +1,4 @@
-"""tools.collect on a fixture sweep: two good runs, one truncated, one NaN, one whose loss rises."""
+"""tools.collect on a fixture sweep: two good runs, one truncated, one NaN, one whose loss rises (kept, flagged)."""
 import csv
 import json
 import os
@@ -32,15 +32,16 @@ def test_collect_tables_and_exclusions(sweep):
                          text=True, check=True).stdout.splitlines()
     assert out[:3] == ["excluded p0002: incomplete: 2 of 4 evaluation lines",
                        "excluded p0003: diverged: non-finite loss at iteration 6",
-                       "excluded p0004: diverged: final target loss 5.5000 above the first 4.7500"]
-    assert out[3].startswith("collected 2 of 5 runs")
+                       "kept p0004 (flagged): final target loss 5.5000 above the first 4.7500"]
+    assert out[3].startswith("collected 3 of 5 runs")
     report = json.loads((sweep / "collect_report.json").read_text())
-    assert report["included"] == ["p0000", "p0001"] and set(report["excluded"]) == {"p0002", "p0003", "p0004"}
+    assert report["included"] == ["p0000", "p0001", "p0004"] and set(report["excluded"]) == {"p0002", "p0003"}
+    assert set(report["flagged"]) == {"p0004"}
 
     traj = read_csv(sweep / "trajectories.csv")
     assert list(traj[0]) == ["run", "iteration", "tokens", "progress", "stage", "domain", "loss", "target"]
-    assert len(traj) == 2 * 4 * 2                                   # runs x evaluations x domains
-    assert {r["run"] for r in traj} == {"p0000", "p0001"}
+    assert len(traj) == 3 * 4 * 2                                   # runs x evaluations x domains
+    assert {r["run"] for r in traj} == {"p0000", "p0001", "p0004"}
     row = next(r for r in traj if r["run"] == "p0001" and r["iteration"] == "6" and r["domain"] == "web")
     line = [json.loads(l) for l in (sweep / "runs/p0001/trajectory.jsonl").read_text().splitlines()][2]
     assert float(row["loss"]) == line["losses"]["web"] and float(row["target"]) == line["target"]
@@ -50,7 +51,7 @@ def test_collect_tables_and_exclusions(sweep):
     assert list(mix[0]) == ["run", "stage", "start", "domain", "weight"]
     p1 = [(r["stage"], float(r["start"]), r["domain"], float(r["weight"])) for r in mix if r["run"] == "p0001"]
     assert p1 == [("0", 0.0, "code", 1.0), ("0", 0.0, "web", 0.0), ("1", 0.5, "code", 0.2), ("1", 0.5, "web", 0.8)]
-    assert len(mix) == 2 + 4
+    assert len(mix) == 2 + 4 + 2
 
 
 def test_missing_done_marker_and_expected_override(sweep):
@@ -62,11 +63,11 @@ def test_missing_done_marker_and_expected_override(sweep):
     assert report["excluded"]["p0002"] == "incomplete: no done marker"
     report = collect(str(sweep), expected=4)
     assert report["excluded"]["p0000"] == "incomplete: no done marker"
-    assert report["included"] == ["p0001"]
+    assert report["included"] == ["p0001", "p0004"]
 
 
 def test_nothing_usable_is_an_error(sweep):
-    for run in ("p0000", "p0001"):
+    for run in ("p0000", "p0001", "p0004"):
         (sweep / f"runs/{run}/trajectory.jsonl").write_text("")
     out = subprocess.run([sys.executable, "-m", "tools.collect", str(sweep)], cwd=ROOT, capture_output=True,
                          text=True)
@@ -79,6 +80,12 @@ def test_malformed_line_and_unknown_expected(sweep, tmp_path):
     (sweep / "runs/p0001/trajectory.jsonl").write_text(json.dumps({"iteration": 2}) + "\n")
     report = collect(str(sweep))
     assert report["excluded"]["p0001"].startswith("malformed: trajectory line 1 lacks tokens")
+    lines = (sweep / "runs/p0000/trajectory.jsonl").read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["losses"]["web"] = True   # JSON true is an int to Python, not a loss
+    (sweep / "runs/p0000/trajectory.jsonl").write_text("\n".join([lines[0], json.dumps(bad), *lines[2:]]) + "\n")
+    report = collect(str(sweep))
+    assert report["excluded"]["p0000"] == "malformed: a loss that is not a number at iteration 4"
     os.remove(sweep / "runner.json")
     with pytest.raises(UserError, match="--expected-evals"):
         collect(str(sweep))

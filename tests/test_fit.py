@@ -14,7 +14,7 @@ import pytest
 
 from megatron_ext.errors import UserError
 from tools import fit
-from tools.surrogate import (FitConfig, Surrogate, TrajectoryFeatures, grouped_folds, spearman,
+from tools.surrogate import (FitConfig, TrajectoryFeatures, fit_surrogate, grouped_folds, spearman,
                              static_table, trajectory_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def test_predict_drop_learns_the_change_and_predicts_the_loss(tmp_path):
     write_synthetic_sweep(str(tmp_path), runs=40, evals=5)
     table = trajectory_table(str(tmp_path), stages=5, feats=TrajectoryFeatures(predict_drop=True), targets=["target"])
     assert np.allclose(table.label(0), table.Y[:, 0] - table.state[:, 0]) and (table.label(0) < 0).all()
-    surrogate = Surrogate.fit(table, FitConfig(), {"objective": "target"})
+    surrogate = fit_surrogate(table, FitConfig(), {"objective": "target"})
     pred = surrogate.predict("target", table.X, table.state[:, 0])  # back on the loss scale
     assert np.abs(pred - table.Y[:, 0]).mean() < 0.01 * np.abs(table.label(0)).mean() + 0.01
 
@@ -147,7 +147,7 @@ def test_regmix_real_data_spearman(capsys):
                          os.path.join(REGMIX, "train_pile_loss_1m.csv"), [PILE_CC])
     test = static_table(os.path.join(REGMIX, "test_mixture_1m.csv"),
                         os.path.join(REGMIX, "test_pile_loss_1m.csv"), [PILE_CC])
-    surrogate = Surrogate.fit(train, FitConfig(), {"objective": PILE_CC})
+    surrogate = fit_surrogate(train, FitConfig(), {"objective": PILE_CC})
     rho = spearman(surrogate.predict(PILE_CC, test.X), test.Y[:, 0])
     rho_ridge = spearman(surrogate.predict(PILE_CC, test.X, kind="ridge"), test.Y[:, 0])
     with capsys.disabled():

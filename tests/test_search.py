@@ -13,7 +13,7 @@ from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from test_fit import PILE_CC, REGMIX, ROOT, SYN_DOMAINS, synthetic_losses, write_synthetic_sweep
 from tools import fit, search
-from tools.search import project_to_caps
+from megatron_ext.mixture_search import project_to_caps
 
 
 def cli(module, *argv):

@@ -5,9 +5,11 @@
 Writes sweep/NAME/trajectories.csv (run,iteration,tokens,progress,stage,domain,loss,target; one row per
 evaluation and domain), mixtures.csv (run,stage,start,domain,weight; start as a fraction of the run)
 and collect_report.json. A run that is incomplete (no done marker, or fewer trajectory lines than a
-complete run has) or diverged (a non-finite loss, or a final target loss above its first) is left out
-of both tables and listed, with its reason, in the report and on stdout: a surrogate silently fitted
-on a crashed or exploding proxy learns the crash.
+complete run has), malformed (a loss that is not a number, e.g. JSON `true`) or diverged (a non-finite
+loss) is left out of both tables and listed, with its reason, in the report and on stdout: a surrogate
+silently fitted on a crashed or exploding proxy learns the crash. A run whose final target loss is above
+its first is kept (on a finite corpus that is a legitimate result: a mixture to avoid) and flagged in
+the report's `flagged` and on stdout.
 """
 import argparse
 import csv
@@ -39,12 +41,22 @@ def problem(run_dir: str, records: list, expected: int) -> str:
         return "incomplete: no done marker"
     for r in records:
         values = list(r["losses"].values()) + [r["target"]]
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not all(is_number(v) for v in values):
+            return f"malformed: a loss that is not a number at iteration {r['iteration']}"
+        if not all(math.isfinite(v) for v in values):
             return f"diverged: non-finite loss at iteration {r['iteration']}"
-    first, last = records[0]["target"], records[-1]["target"]
-    if last > first:
-        return f"diverged: final target loss {last:.4f} above the first {first:.4f}"
     return ""
+
+
+def is_number(value) -> bool:
+    """JSON numbers only: `true`/`false` are ints to Python but not losses."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def rising(records: list) -> str:
+    """A note for a kept run whose final target loss is above its first, or ''."""
+    first, last = records[0]["target"], records[-1]["target"]
+    return f"final target loss {last:.4f} above the first {first:.4f}" if last > first else ""
 
 
 def trajectory_rows(run: str, records: list) -> list:
@@ -77,7 +89,7 @@ def collect(sweep: str, expected: int = 0) -> dict:
         if not expected:
             raise UserError(f"{sweep}: no {RUNNER_JSON} saying how many evaluations a run has; "
                             "pass --expected-evals")
-    trajectories, mixtures, included, excluded = [], [], [], {}
+    trajectories, mixtures, included, excluded, flagged = [], [], [], {}, {}
     for run in run_ids(sweep):
         run_dir = os.path.join(sweep, RUNS, run)
         records = trajectory_records(run_dir)
@@ -86,12 +98,15 @@ def collect(sweep: str, expected: int = 0) -> dict:
             excluded[run] = why
             continue
         included.append(run)
+        if rising(records):
+            flagged[run] = rising(records)
         trajectories += trajectory_rows(run, records)
         mixtures += mixture_rows(run, MixtureSchedule.load(os.path.join(run_dir, SCHED)))
-    report = {"sweep": sweep, "expected_evals": expected, "included": included, "excluded": excluded}
+    report = {"sweep": sweep, "expected_evals": expected, "included": included, "excluded": excluded,
+              "flagged": flagged}
     write_json(os.path.join(sweep, "collect_report.json"), report)
     if not included:
-        raise UserError(f"{sweep}: no complete, converging runs to collect ({len(excluded)} excluded; "
+        raise UserError(f"{sweep}: no complete, finite runs to collect ({len(excluded)} excluded; "
                         "see collect_report.json)")
     atomic_write(os.path.join(sweep, "trajectories.csv"), csv_text(TRAJECTORY_COLUMNS, trajectories), fsync=True)
     atomic_write(os.path.join(sweep, "mixtures.csv"), csv_text(MIXTURE_COLUMNS, mixtures), fsync=True)
@@ -109,6 +124,8 @@ def main(argv=None) -> int:
     report = collect(args.sweep, args.expected_evals)
     for run, why in report["excluded"].items():
         print(f"excluded {run}: {why}")
+    for run, why in report["flagged"].items():
+        print(f"kept {run} (flagged): {why}")
     print(f"collected {len(report['included'])} of {len(report['included']) + len(report['excluded'])} runs: "
           f"{os.path.join(args.sweep, 'trajectories.csv')} ({report['rows']['trajectories']} rows), "
           f"{os.path.join(args.sweep, 'mixtures.csv')} ({report['rows']['mixtures']} rows)")

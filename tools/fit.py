@@ -14,9 +14,10 @@ import numpy as np
 from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 from tools.cli import run_main
-from tools.surrogate import (FitConfig, LGBMSettings, Surrogate, TrajectoryFeatures, cross_validate,
-                             cv_markdown, plot_predicted_vs_observed, read_indexed_table, static_table,
-                             trajectory_table)
+from megatron_ext.surrogate import Surrogate
+from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, cv_markdown,
+                             fit_surrogate, plot_predicted_vs_observed, proxy_nonembedding_params,
+                             read_indexed_table, static_table, trajectory_table)
 
 
 def fit_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def cmd_fit(args) -> int:
         table = trajectory_table(args.sweep, args.stages, feats, targets or None)
         objective = "target" if "target" in table.targets else table.targets[0]
         source = {"sweep": os.path.abspath(args.sweep)}
+        extra = {"proxy_nonembedding_params": proxy_nonembedding_params(args.sweep)}
     elif args.mixtures and args.losses:
         if not args.target:
             raise UserError("--target COLUMN is required with --mixtures/--losses")
@@ -83,13 +85,14 @@ def cmd_fit(args) -> int:
             raise UserError(f"{args.losses}: no column {args.target!r}")
         objective = args.target
         source = {"mixtures": os.path.abspath(args.mixtures), "losses": os.path.abspath(args.losses)}
+        extra = {}
     else:
         raise UserError("give --sweep DIR, or --mixtures M.csv --losses L.csv --target COLUMN")
     cfg = FitConfig(folds=args.folds, cv_seed=args.cv_seed, ridge_alpha=args.ridge_alpha,
                     lgbm=LGBMSettings(learning_rate=args.lr, num_iterations=args.num_iterations,
                                       num_leaves=args.num_leaves, min_data_in_leaf=args.min_data_in_leaf,
                                       seed=args.seed, num_threads=args.threads))
-    surrogate = Surrogate.fit(table, cfg, {"objective": objective, "source": source})
+    surrogate = fit_surrogate(table, cfg, {"objective": objective, "source": source, **extra})
     os.makedirs(args.out, exist_ok=True)
     if args.folds:
         report = cross_validate(table, cfg)

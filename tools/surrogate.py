@@ -9,15 +9,15 @@ Two modes share one table layout (rows × common features, a per-target loss sta
 The exact feature set is documented in docs/ARCHITECTURE.md.
 """
 import csv
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from megatron_ext.atomic import atomic_path, atomic_write
+from megatron_ext.atomic import atomic_path
 from megatron_ext.errors import UserError
+from megatron_ext.surrogate import (Ridge, Surrogate, encode_features, feature_names, piecewise_average,
+                                    sha256_files)
 
 MODEL_KINDS = ("lgbm", "ridge")
 
@@ -32,14 +32,6 @@ def save_figure(fig, path: str) -> None:
             fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)
-
-
-def sha256_files(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
-    return h.hexdigest()
 
 
 def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
@@ -104,6 +96,7 @@ class Table:
     runs: np.ndarray          # [rows] run id (the CV group)
     stage: np.ndarray         # [rows] transition index l (0 in static mode)
     stages: int               # K (1 in static mode)
+    grid: list = field(default_factory=lambda: [1.0])  # t_1..t_K, fractions of the run (static: [1.0])
     initial_loss: dict = field(default_factory=dict)  # target → mean loss at t_1 over proxies (rollout start)
     mean_mixture: list = field(default_factory=list)   # the proxies' mean mixture (a prior choice)
     proxies: int = 0
@@ -159,13 +152,6 @@ class TrajectoryFeatures:
     history: bool = False       # cumulative domain shares over [0, t_l) (ours; constant on static proxies)
     first_stage: bool = False   # add the 0 → t_1 transition (loss state unknown = NaN) so stage 0 can be searched
     predict_drop: bool = False  # learn the loss change over the transition instead of the loss (needs loss_state)
-
-
-def _piecewise_average(starts: np.ndarray, weights: np.ndarray, a: float, b: float) -> np.ndarray:
-    """Time-average of a piecewise-constant mixture (stage starts, rows of weights) over [a, b)."""
-    ends = np.append(starts[1:], np.inf)
-    overlap = np.clip(np.minimum(ends, b) - np.maximum(starts, a), 0, None)
-    return overlap @ weights / (b - a)
 
 
 def read_sweep(sweep_dir: str) -> tuple[dict, dict, list[str]]:
@@ -244,7 +230,7 @@ def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = Tr
         raise UserError(f"unknown target {unknown[0]!r}; known: {', '.join(all_targets)}")
     cols = [all_targets.index(t) for t in targets]
     grid = np.arange(1, stages + 1) / stages
-    names = ["progress"] + [f"w:{d}" for d in domains] + ([f"cum:{d}" for d in domains] if feats.history else [])
+    names = feature_names(domains, "trajectory", feats.history)
     X, S, Y, runs, stage = [], [], [], [], []
     first = []
     for run, (progress, losses, target) in trajectories.items():
@@ -259,22 +245,41 @@ def trajectory_table(sweep_dir: str, stages: int, feats: TrajectoryFeatures = Tr
         first.append(at[0])
         for l in range(0 if feats.first_stage else 1, stages):
             a, b = l / stages, (l + 1) / stages
-            row = [a, *_piecewise_average(starts, W, a, b)]
-            if feats.history:
-                row += list(_piecewise_average(starts, W, 0.0, a) if l else _piecewise_average(starts, W, a, b))
-            X.append(row)
+            history = piecewise_average(starts, W, 0.0, a) if l else None
+            X.append(encode_features(names, domains, a, piecewise_average(starts, W, a, b)[None], history)[0])
             S.append(at[l - 1] if l else np.full(len(cols), np.nan))
             Y.append(at[l])
             runs.append(run)
             stage.append(l)
-    mean_mix = np.mean([_piecewise_average(*mixtures[r], 0.0, 1.0) for r in trajectories], axis=0)
+    mean_mix = np.mean([piecewise_average(*mixtures[r], 0.0, 1.0) for r in trajectories], axis=0)
     return Table(mode="trajectory", domains=domains, targets=targets, features=names, X=np.array(X),
                  state=np.array(S) if feats.loss_state else None, Y=np.array(Y), runs=np.array(runs),
-                 stage=np.array(stage), stages=stages,
+                 stage=np.array(stage), stages=stages, grid=grid.tolist(),
                  initial_loss=dict(zip(targets, np.mean(first, axis=0).tolist())), mean_mixture=mean_mix.tolist(),
                  proxies=len(trajectories), predict_drop=feats.predict_drop,
                  data_sha256=sha256_files([os.path.join(sweep_dir, "trajectories.csv"),
                                            os.path.join(sweep_dir, "mixtures.csv")]))
+
+
+def proxy_nonembedding_params(sweep_dir: str) -> int | None:
+    """The proxies' non-embedding parameter count from the sweep's runner.json (its launcher config and
+    flags, parsed by the launcher's own parser); None when the sweep does not say (e.g. a custom command
+    or CSVs without a sweep around them)."""
+    from megatron_ext.arguments import parse_args
+    from megatron_ext.surrogate import nonembedding_parameters
+    from tools.sweep import RUNNER_JSON, RUNS, RunSettings, read_json, run_command, run_ids
+    if read_json(os.path.join(sweep_dir, RUNNER_JSON)) is None:
+        return None
+    try:
+        settings = RunSettings.load(sweep_dir)
+        if settings.config and not os.path.isabs(settings.config):
+            settings.config = os.path.join(settings.cwd, settings.config)
+        argv = run_command(settings, os.path.join(sweep_dir, RUNS, run_ids(sweep_dir)[0]))
+        args = parse_args(argv[2:])  # argv: python, launcher, flags
+    except (UserError, TypeError, IndexError, OSError):
+        return None
+    return nonembedding_parameters(args.num_layers, args.hidden_size, args.num_attention_heads,
+                                   args.ffn_hidden_size, args.num_query_groups)
 
 
 # ---------------------------------------------------------------- models
@@ -299,30 +304,6 @@ class LGBMSettings:
 def fit_lgbm(X: np.ndarray, y: np.ndarray, settings: LGBMSettings):
     import lightgbm as lgb
     return lgb.train(settings.params(), lgb.Dataset(X, y, params={"verbosity": -1}))
-
-
-@dataclass
-class Ridge:
-    """Standardized closed-form ridge; NaN inputs (an unknown loss state) are replaced by the training mean."""
-    mean: list
-    scale: list
-    coef: list
-    intercept: float
-
-    @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, alpha: float) -> "Ridge":
-        mean = np.nan_to_num(np.nanmean(X, 0)) if len(X) else np.zeros(X.shape[1])
-        Z = np.where(np.isnan(X), mean, X) - mean
-        scale = Z.std(0)
-        scale[scale == 0] = 1.0
-        Z /= scale
-        coef = np.linalg.solve(Z.T @ Z + alpha * np.eye(Z.shape[1]), Z.T @ (y - y.mean()))
-        return cls(mean.tolist(), scale.tolist(), coef.tolist(), float(y.mean()))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        mean = np.asarray(self.mean)
-        Z = (np.where(np.isnan(X), mean, X) - mean) / np.asarray(self.scale)
-        return Z @ np.asarray(self.coef) + self.intercept
 
 
 @dataclass
@@ -387,85 +368,22 @@ def cv_markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------- the fitted surrogate
 
-class Surrogate:
-    """Fitted models per target plus the metadata the search needs (domains, features, stages, prior data)."""
-
-    def __init__(self, meta: dict, boosters: dict, ridges: dict):
-        self.meta, self.boosters, self.ridges = meta, boosters, ridges
-        self.threads = 1  # LightGBM prediction threads (the search raises it)
-
-    @property
-    def domains(self) -> list[str]:
-        return self.meta["domains"]
-
-    @property
-    def targets(self) -> list[str]:
-        return self.meta["targets"]
-
-    @property
-    def stages(self) -> int:
-        return self.meta["stages"]
-
-    @classmethod
-    def fit(cls, table: Table, cfg: FitConfig, extra_meta: dict | None = None) -> "Surrogate":
-        boosters, ridges = {}, {}
-        for j, target in enumerate(table.targets):
-            X = table.design(j)
-            boosters[target] = fit_lgbm(X, table.label(j), cfg.lgbm)
-            ridges[target] = Ridge.fit(X, table.label(j), cfg.ridge_alpha)
-        meta = {"version": 1, "mode": table.mode, "domains": table.domains, "targets": table.targets,
-                "features": table.feature_names(), "has_state": table.has_state,
-                "predict_drop": table.predict_drop,
-                "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
-                "stages": table.stages, "proxies": table.proxies, "rows": int(len(table.Y)),
-                "initial_loss": table.initial_loss, "mean_mixture": table.mean_mixture,
-                "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
-                "ridge_alpha": cfg.ridge_alpha, **(extra_meta or {})}
-        return cls(meta, boosters, ridges)
-
-    def predict(self, target: str, X: np.ndarray, state: np.ndarray | None = None, kind: str = "lgbm") -> np.ndarray:
-        """X: common features [n, F]; state: the target's loss at the start (trajectory surrogates with a state)."""
-        if target not in self.targets:
-            raise UserError(f"the surrogate has no target {target!r}; it has: {', '.join(self.targets)}")
-        if self.meta["has_state"]:
-            state = np.broadcast_to(np.asarray(state, float).reshape(-1), (len(X),))
-            X = np.hstack([X, state[:, None]])
-        if kind == "lgbm":
-            out = self.boosters[target].predict(X, num_threads=self.threads)
-        else:
-            out = self.ridges[target].predict(X)
-        return out + state if self.meta.get("predict_drop") else out
-
-    def save(self, out: str) -> None:
-        """Models first, meta.json last (its presence marks a complete surrogate); every file atomically."""
-        os.makedirs(out, exist_ok=True)
-        files = []
-        for i, target in enumerate(self.targets):
-            name = f"lgbm_{i:02d}.txt"
-            atomic_write(os.path.join(out, name), self.boosters[target].model_to_string())
-            files.append(name)
-        ridges = {t: asdict(r) for t, r in self.ridges.items()}
-        atomic_write(os.path.join(out, "ridge.json"), json.dumps(ridges, indent=1))
-        meta = dict(self.meta, model_files=files)
-        atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
-        self.meta = meta
-
-    @classmethod
-    def load(cls, folder: str) -> "Surrogate":
-        import lightgbm as lgb
-        meta_path = os.path.join(folder, "meta.json")
-        if not os.path.isfile(meta_path):
-            raise UserError(f"{folder}: not a surrogate folder (no meta.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(os.path.join(folder, "ridge.json")) as f:
-            ridges = {t: Ridge(**r) for t, r in json.load(f).items()}
-        boosters = {t: lgb.Booster(model_file=os.path.join(folder, name))
-                    for t, name in zip(meta["targets"], meta["model_files"])}
-        surrogate = cls(meta, boosters, ridges)
-        surrogate.meta["sha256"] = sha256_files([meta_path, os.path.join(folder, "ridge.json")] +
-                                                [os.path.join(folder, n) for n in meta["model_files"]])
-        return surrogate
+def fit_surrogate(table: Table, cfg: FitConfig, extra_meta: dict | None = None) -> Surrogate:
+    """LightGBM + ridge per target on the whole table, with the metadata the search and controller read."""
+    boosters, ridges = {}, {}
+    for j, target in enumerate(table.targets):
+        X = table.design(j)
+        boosters[target] = fit_lgbm(X, table.label(j), cfg.lgbm)
+        ridges[target] = Ridge.fit(X, table.label(j), cfg.ridge_alpha)
+    meta = {"version": 1, "mode": table.mode, "domains": table.domains, "targets": table.targets,
+            "features": table.feature_names(), "has_state": table.has_state,
+            "predict_drop": table.predict_drop,
+            "first_stage": bool((table.stage == 0).any()) and table.mode == "trajectory",
+            "stages": table.stages, "grid": list(table.grid), "proxies": table.proxies, "rows": int(len(table.Y)),
+            "initial_loss": table.initial_loss, "mean_mixture": table.mean_mixture,
+            "data_sha256": table.data_sha256, "lgbm": asdict(cfg.lgbm),
+            "ridge_alpha": cfg.ridge_alpha, "proxy_nonembedding_params": None, **(extra_meta or {})}
+    return Surrogate(meta, boosters, ridges)
 
 
 def plot_predicted_vs_observed(table: Table, report: dict, path: str) -> None:
