@@ -33,14 +33,15 @@ class Callback:
     def on_fit_start(self, trainer) -> None:
         """After restore, before the first step (trainer.iteration is the resume point)."""
 
-    def on_step_start(self, trainer) -> None:
-        """Before the batch at trainer.consumed_samples is read (a stage appended here applies to it)."""
-
     def on_batch(self, trainer, microbatches: list) -> None:
         """This rank's micro-batches of the step, before forward/backward (may add a `loss_weight`)."""
 
     def on_step_end(self, trainer, step: StepResult) -> None:
         pass
+
+    def wants_eval(self, trainer) -> bool:
+        """True to have the trainer evaluate after this step (besides --eval-interval)."""
+        return False
 
     def on_eval(self, trainer, record: dict) -> None:
         """`record` is the trajectory line; callbacks earlier in the list may add fields to it."""

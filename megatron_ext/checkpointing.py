@@ -95,9 +95,10 @@ def latest_iteration(root: str):
     return int(text)
 
 
-def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
+def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True, load_rng: bool = True):
     """Load the latest checkpoint under `root` into model (and optimizer); returns its extra state
-    (None when `root` has no checkpoint yet, so `--load` may point at a fresh `--save`)."""
+    (None when `root` has no checkpoint yet, so `--load` may point at a fresh `--save`).
+    `load_rng=False` leaves this process's generators alone (loading another run's model)."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
@@ -111,7 +112,7 @@ def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
     extra = torch.load(os.path.join(path, STATE), weights_only=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if extra.get("world_size") == _world_size() and os.path.exists(rng_file):
+    if load_rng and extra.get("world_size") == _world_size() and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return extra
 

@@ -51,6 +51,32 @@ def reduce_last_stage_mean(losses: list) -> float:
     return float(local)
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the world (in place); a no-op in one process."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def domain_sums(values: torch.Tensor, mask: torch.Tensor, dataset_id: torch.Tensor, n_domains: int):
+    """(per-domain sum of masked token values, per-domain token count) of one micro-batch, float64."""
+    ids = dataset_id.long().cpu()
+    sums = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, (values.detach() * mask).sum(1).double().cpu())
+    counts = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, mask.sum(1).double().cpu())
+    return sums, counts
+
+
+def reduce_domain_sums(outputs: list, sum_key: str, count_key: str, n_domains: int):
+    """Per-domain (sums, counts) of the whole global batch, the same on every rank: only the last
+    pipeline stage has outputs; TP ranks add equal copies to both, which the ratio cancels."""
+    total = torch.zeros(2, n_domains, dtype=torch.float64)
+    for o in outputs:
+        total[0] += o[sum_key]
+        total[1] += o[count_key]
+    all_reduce_sum(total)
+    return total[0], total[1]
+
+
 def evaluate_domains(model, forward_step, valid_by_domain: dict, eval_iters: int, micro_batch_size: int,
                      seq_length: int) -> dict:
     """{domain: mean loss over its first `eval_iters` micro-batches per data-parallel rank}."""

@@ -12,7 +12,6 @@ import os
 import time
 from functools import partial
 
-import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -27,8 +26,9 @@ from megatron_ext import cpu_compat
 from megatron_ext.arguments import check_world
 from megatron_ext.callbacks import StepResult, default_callbacks
 from megatron_ext.checkpointing import load_checkpoint, parallel_layout, save_checkpoint
-from megatron_ext.errors import UserError
-from megatron_ext.evaluation import evaluate_domains, microbatches, reduce_last_stage_mean, target_loss
+from megatron_ext.controllers import build_controller
+from megatron_ext.evaluation import (evaluate_domains, domain_sums, microbatches, reduce_domain_sums,
+                                     reduce_last_stage_mean, target_loss)
 from megatron_ext.model import build_model, layer_spec_kind, padded_vocab_size, params_dtype, transformer_config
 from megatron_ext.schedule import MixtureSchedule, domain_name
 from megatron_ext.scheduled_dataset import build_train_valid_datasets
@@ -73,39 +73,13 @@ def load_schedule(args) -> MixtureSchedule:
     return schedule
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over the world (in place); a no-op in one process."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-def domain_sums(values: torch.Tensor, mask: torch.Tensor, dataset_id: torch.Tensor, n_domains: int):
-    """(per-domain sum of masked token values, per-domain token count) of one micro-batch, float64."""
-    ids = dataset_id.long().cpu()
-    sums = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, (values.detach() * mask).sum(1).double().cpu())
-    counts = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, mask.sum(1).double().cpu())
-    return sums, counts
-
-
-def reduce_domain_sums(outputs: list, sum_key: str, count_key: str, n_domains: int):
-    """Per-domain (sums, counts) of the whole global batch, the same on every rank: only the last
-    pipeline stage has outputs; TP ranks add equal copies to both, which the ratio cancels."""
-    total = torch.zeros(2, n_domains, dtype=torch.float64)
-    for o in outputs:
-        total[0] += o[sum_key]
-        total[1] += o[count_key]
-    all_reduce_sum(total)
-    return total[0], total[1]
-
-
 class Trainer:
     """One run of the launcher. `callbacks` run in order; the mixture controller, when there is one,
     comes first so that it can annotate the records the writers then write."""
 
     def __init__(self, args, callbacks=None, controller=None):
         self.args = args
-        self.controller = controller
+        self.controller = controller if controller is not None else build_controller(args)
         self._extra_callbacks = list(callbacks or [])
         self.iteration = 0
         self.consumed_samples = 0
@@ -219,8 +193,6 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         args = self.args
-        for cb in self.callbacks:
-            cb.on_step_start(self)
         start = time.time()
         stage = self.train_ds.stage_of(self.consumed_samples)
         data = microbatches(self.train_ds, self.consumed_samples, self.num_microbatches, args.micro_batch_size)
@@ -279,7 +251,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_end(self, step)
             it = self.iteration
-            if it % args.eval_interval == 0 or it == self.train_iters:
+            if (it % args.eval_interval == 0 or it == self.train_iters
+                    or any(cb.wants_eval(self) for cb in self.callbacks)):
                 self.evaluate()
             exiting = bool(args.exit_interval and it % args.exit_interval == 0)
             if args.save and (it == self.train_iters or exiting
@@ -291,13 +264,3 @@ class Trainer:
             cb.on_fit_end(self)
         torch.distributed.destroy_process_group()
         return 0
-
-
-def check_weights(weights, domains: list, where: str) -> np.ndarray:
-    """A controller's weights as a float64 vector over `domains`; refuses NaN, negative or all-zero
-    weights with one line (the run stops before anything is saved, so the last checkpoint stays valid)."""
-    vector = np.asarray([weights[d] for d in domains] if isinstance(weights, dict) else weights, dtype=np.float64)
-    if vector.shape != (len(domains),) or not np.all(np.isfinite(vector)) or np.any(vector < 0) or vector.sum() <= 0:
-        raise UserError(f"{where}: invalid mixture weights {vector.tolist()} for domains {domains} "
-                        f"(need {len(domains)} finite, non-negative weights, not all 0)")
-    return vector
