@@ -46,6 +46,11 @@ def doremi_update(alpha: np.ndarray, excess: np.ndarray, eta: float, smoothing: 
     return (1 - smoothing) * prime + smoothing / len(alpha)
 
 
+def doremi_excess(previous: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """λ: per-domain mean clipped excess loss over the step's tokens; a domain absent from the step keeps its λ."""
+    return np.where(counts > 0, sums / np.maximum(counts, 1), previous)
+
+
 def doremi_token_weights(alpha: np.ndarray, sampling: np.ndarray) -> np.ndarray:
     """Per-domain loss weight (α_i / s_i) / Σ_j (α_j / s_j): the authors' reweighting under non-uniform sampling."""
     ratio = alpha / sampling
@@ -125,7 +130,7 @@ class DoReMi(Callback):
             outputs.append({"sum": s, "count": c})
         sums, counts = reduce_domain_sums(outputs, "sum", "count", len(self.domains))
         sums, counts = sums.numpy(), counts.numpy()
-        self.excess = np.where(counts > 0, sums / np.maximum(counts, 1), self.excess)
+        self.excess = doremi_excess(self.excess, sums, counts)
         alpha = check_weights(doremi_update(self.alpha, self.excess, self.eta, self.smoothing), self.domains,
                               f"doremi at iteration {trainer.iteration + 1}")
         self.alpha = alpha
