@@ -45,6 +45,17 @@ def test_invalid_controller_weights_stop_with_one_line(weights):
     assert "\n" not in str(exc.value) and "invalid mixture weights" in str(exc.value)
 
 
+def test_from_doremi_refuses_a_file_that_is_not_doremi_weights(tmp_path, capsys):
+    from tools import schedule as schedule_cli
+    from tools.cli import run_main
+
+    (tmp_path / "w.json").write_text(json.dumps({"average_weights": {"a": 1.0}}))
+    with pytest.raises(SystemExit) as exc:
+        run_main(schedule_cli.main, ["from-doremi", str(tmp_path / "w.json"), "--out", str(tmp_path / "s.json")])
+    assert_one_line_exit_2(exc.value.code, capsys.readouterr().err)
+    assert not (tmp_path / "s.json").exists()
+
+
 # ---------------------------------------------------------------- RegMix-D against tools.search
 
 @pytest.fixture(scope="module")
