@@ -80,7 +80,7 @@ def main() -> int:
                  "--data-prefix-dir", os.path.dirname(prefixes[0])])
     sys.stdout = stdout
     common = SHAPE + ["--train-iters", str(args.iters), "--eval-interval", str(args.iters // 4),
-                      "--log-interval", "5"]
+                      "--log-interval", "2"]
     online_args = common + ["--data-schedule", base, "--mixture-controller", "regmixd", "--surrogate", sur,
                             "--controller-beta", "0"]
     offline_args = common + ["--data-schedule", offline]
