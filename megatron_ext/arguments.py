@@ -84,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--trajectory-file", help="default: <save>/trajectory.jsonl")
     io.add_argument("--tensorboard-dir")
     io.add_argument("--log-interval", type=int, default=100)
+    c = p.add_argument_group("online mixture controller")
+    c.add_argument("--mixture-controller", choices=("doremi", "regmixd"),
+                   help="doremi: Group DRO domain weights against --reference-load; regmixd: online RegMix-D")
+    c.add_argument("--reference-load", help="doremi: checkpoint of the reference model (this launcher, same "
+                                            "architecture and tokenizer, trained on the baseline mixture)")
+    c.add_argument("--doremi-eta", type=float, default=1.0, help="doremi: step size of the weight update")
+    c.add_argument("--doremi-smoothing", type=float, default=1e-3,
+                   help="doremi: c in α = (1 − c)·α′ + c/k (the authors' 120M script: 1e-3)")
+    c.add_argument("--doremi-weights-file", help="doremi: default <save>/doremi_weights.json")
+    c.add_argument("--surrogate", help="regmixd: folder written by tools.fit (trajectory mode)")
+    c.add_argument("--controller-candidates", type=int, default=100_000, help="regmixd: Dirichlet candidates")
+    c.add_argument("--controller-top-k", type=int, default=128, help="regmixd: candidates averaged")
+    c.add_argument("--controller-alpha", type=float, default=1.0, help="regmixd: Dirichlet concentration scale")
+    c.add_argument("--controller-seed", type=int, default=0)
+    c.add_argument("--controller-beta", type=float, default=0.05,
+                   help="regmixd: observed loss × (P_target / P_proxy)^beta goes to the surrogate")
+    c.add_argument("--controller-tokens", help="regmixd: tokens.json for per-domain token budgets")
+    c.add_argument("--controller-max-epochs", type=float, help="regmixd: per-domain budget in epochs (needs "
+                                                                 "--controller-tokens)")
+    c.add_argument("--controller-max-change", type=float, help="regmixd: largest L1 change between segments")
+    c.add_argument("--controller-exclude", default="", help="regmixd: comma-separated domains never to use")
     return p
 
 
@@ -185,6 +206,12 @@ def _complete(args) -> None:
     starts_fresh = args.save and os.path.abspath(args.load or "") == os.path.abspath(args.save)
     if args.load and not os.path.isdir(args.load) and not (starts_fresh and not os.path.exists(args.load)):
         raise UserError(f"--load {args.load}: no such directory")
+    if args.mixture_controller == "doremi" and not args.reference_load:
+        raise UserError("--mixture-controller doremi needs --reference-load")
+    if args.mixture_controller == "regmixd" and not args.surrogate:
+        raise UserError("--mixture-controller regmixd needs --surrogate")
+    if args.doremi_weights_file is None and args.save:
+        args.doremi_weights_file = os.path.join(args.save, "doremi_weights.json")
     if args.trajectory_file is None and args.save:
         args.trajectory_file = os.path.join(args.save, "trajectory.jsonl")
 

@@ -137,10 +137,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, extra: dict, ke
     _barrier()
 
 
-def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
+def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True, load_rng: bool = True):
     """Load the latest checkpoint under `root` into model (and optimizer); returns its extra state
     (None when `root` has no checkpoint yet, so `--load` may point at a fresh `--save`, and for a
-    model-only checkpoint, whose run starts fresh from its weights)."""
+    model-only checkpoint, whose run starts fresh from its weights).
+    `load_rng=False` leaves this process's generators alone (loading another run's model)."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
@@ -166,7 +167,7 @@ def load_checkpoint(root: str, model, optimizer, load_optimizer: bool = True):
                         f"{type(exc).__name__}: {first})") from None
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if extra.get("world_size") == _world_size() and os.path.exists(rng_file):
+    if load_rng and extra.get("world_size") == _world_size() and os.path.exists(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return extra
 

@@ -20,9 +20,11 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def collate(dataset, indices) -> dict:
-    """A micro-batch of samples, on the GPU when there is one."""
+    """A micro-batch of samples, on the GPU when there is one; a blended dataset's samples keep
+    their domain (`dataset_id`), so losses can be told apart per domain."""
     samples = [dataset[int(i)] for i in indices]
-    batch = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in BATCH_KEYS}
+    keys = BATCH_KEYS + (("dataset_id",) if "dataset_id" in samples[0] else ())
+    batch = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}
     if torch.cuda.is_available():
         batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
     return batch
@@ -47,6 +49,32 @@ def reduce_last_stage_mean(losses: list) -> float:
         local /= (parallel_state.get_data_parallel_world_size()
                   * parallel_state.get_tensor_model_parallel_world_size())
     return float(local)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over the world (in place); a no-op in one process."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def domain_sums(values: torch.Tensor, mask: torch.Tensor, dataset_id: torch.Tensor, n_domains: int):
+    """(per-domain sum of masked token values, per-domain token count) of one micro-batch, float64."""
+    ids = dataset_id.long().cpu()
+    sums = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, (values.detach() * mask).sum(1).double().cpu())
+    counts = torch.zeros(n_domains, dtype=torch.float64).index_add_(0, ids, mask.sum(1).double().cpu())
+    return sums, counts
+
+
+def reduce_domain_sums(outputs: list, sum_key: str, count_key: str, n_domains: int):
+    """Per-domain (sums, counts) of the whole global batch, the same on every rank: only the last
+    pipeline stage has outputs; TP ranks add equal copies to both, which the ratio cancels."""
+    total = torch.zeros(2, n_domains, dtype=torch.float64)
+    for o in outputs:
+        total[0] += o[sum_key]
+        total[1] += o[count_key]
+    all_reduce_sum(total)
+    return total[0], total[1]
 
 
 def evaluate_domains(model, forward_step, valid_by_domain: dict, eval_iters: int, micro_batch_size: int,
