@@ -48,13 +48,14 @@ FIT_FLAGS ?= --min-data-in-leaf 5
 SEARCH_FLAGS ?=
 CANDIDATES ?= 100000
 # the comparison: the same target model, tokens, seeds and evaluation data for every arm
-TARGET_CONFIG ?= examples/demo_3m.yaml
-TARGET_ITERS ?= 144
-TARGET_EVAL ?= 24
+TARGET_CONFIG ?= examples/demo_target.yaml
+TARGET_ITERS ?= 96
+TARGET_EVAL ?= 16
 TARGET_FLAGS ?= --train-iters $(TARGET_ITERS) --eval-interval $(TARGET_EVAL) --save-interval $(TARGET_ITERS)
 DEMO ?= runs/demo
 REPORT ?= report
 DEMO_ARMS ?= natural,regmix,regmixd_offline
+DEMO_JOBS ?= 1
 COMPARE ?= runs/compare
 COMPARE_ARMS ?= natural,uniform,regmix,regmixd_offline,doremi,regmixd_online
 SEEDS ?= 1,2,3
@@ -100,7 +101,7 @@ schedule: proxies
 # corpus -> tokens -> proxies -> fit -> schedules -> one target run per arm -> report (every step resumable)
 demo: schedule
 	$(PY) -m tools.compare $(COMPARE_ARGS) --out $(DEMO) --arms $(DEMO_ARMS) --seeds 1 --budgets 100 \
-	    -- $(TARGET_FLAGS)
+	    --jobs $(DEMO_JOBS) -- $(TARGET_FLAGS)
 	$(PY) -m tools.report --compare $(DEMO) --out $(REPORT)
 
 # every arm, SEEDS, proxy BUDGETS (% of the sweep) for RegMix and RegMix-D offline: hours on 2 cores

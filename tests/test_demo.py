@@ -101,11 +101,15 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
         assert got["mean over domains"]["mean"] == pytest.approx(np.mean(list(final.values())), abs=1e-12)
         assert got["target"]["mean"] == pytest.approx(lines[-1]["target"], abs=1e-12)
         assert got["books"]["std"] is None and got["books"]["seeds"] == 1
+        heldout = json.loads((out / "runs" / label / "seed3" / "heldout.json").read_text())
+        assert got["top-1 token accuracy"]["mean"] == pytest.approx(heldout["mean_token_accuracy"], abs=1e-12)
+        assert 0 <= heldout["mean_token_accuracy"] <= 1 and set(heldout["token_accuracy"]) == set(final)
     # the unigram baseline is a cross-entropy of the fixture's Zipf bands: below ln(vocab), above 0
     assert all(0 < v < np.log(257) for v in summary["unigram"].values())
     index = (tmp_path / "report" / "index.md").read_text()
     assert "| doremi | - | not run:" in index
-    assert "not called: 1 seed" in report.stdout.splitlines()[-5]
+    verdict = [l for l in report.stdout.splitlines() if l.startswith("mean over domains: lowest")]
+    assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
     for png in ("domain_losses.png", "training.png", "schedules.png", "predicted_vs_observed.png", "proxies.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 

@@ -11,7 +11,8 @@ differs. RegMix and RegMix-D offline are fitted on the same sweep's proxies, onc
 
 Layout under --out: `compare.json` (settings), `schedules/<label>/` (proxy tables, surrogate,
 sched.json), `runs/<label>/seed<S>/` (the launcher's --save: trajectory.jsonl, train_log.jsonl,
-checkpoint, `log.txt`, and `done` once complete). A label is the arm, with `_b<B>` for a budget.
+checkpoint, `log.txt`, `done` once complete, and tools.heldout's `heldout.json`). A label is the
+arm, with `_b<B>` for a budget.
 Re-running skips every finished schedule and run; a killed run resumes from its checkpoint if it
 has one, else starts over: a kill loses at most the run in progress. `tools.report` reads the result.
 """
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -32,6 +34,7 @@ from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
+from tools.heldout import HELDOUT
 from tools.sweep import (CHECKPOINT_TRACKER, DONE, LAUNCHER, SCHED, expected_evals, load_tokens, proxy_schedule,
                          free_port, read_json, tokenizer_flags, trajectory_records, write_json)
 
@@ -198,8 +201,9 @@ def labels(arm: str, budgets: list) -> list:
     return [f"{arm}_b{b}" for b in budgets] if ARMS[arm].uses_budget else [arm]
 
 
-def run_target(ctx: Context, argv: list, run_dir: str, expected: int, title: str) -> None:
-    """One target run to completion: resume from a checkpoint, or start over with a stale log removed."""
+def run_target(argv: list, run_dir: str, expected: int, title: str, threads=None) -> None:
+    """One target run to completion: resume from a checkpoint, or start over with a stale log removed.
+    `threads` sets OMP_NUM_THREADS when several runs share the machine."""
     os.makedirs(run_dir, exist_ok=True)
     resume = os.path.exists(os.path.join(run_dir, CHECKPOINT_TRACKER))
     if not resume:
@@ -212,7 +216,9 @@ def run_target(ctx: Context, argv: list, run_dir: str, expected: int, title: str
     with open(os.path.join(run_dir, LOG), "a") as log:
         log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
-        env = dict(os.environ, MASTER_PORT=str(free_port()))  # several comparisons may share a host
+        env = dict(os.environ, MASTER_PORT=str(free_port()))  # concurrent runs each get a rendezvous port
+        if threads:
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
@@ -259,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-seed", type=int, default=0)
     p.add_argument("--fit-flags", default="", help="extra tools.fit flags as one string: --fit-flags=\"--min-data-in-leaf 5\"")
     p.add_argument("--search-flags", default="", help="extra tools.search flags, one string")
+    p.add_argument("--jobs", type=int, default=1, help="target runs at once (threads per run = cores // jobs)")
     p.add_argument("--schedules-only", action="store_true", help="write the schedules, train nothing")
     p.add_argument("launcher", nargs=argparse.REMAINDER, help="-- then launcher flags for every target run")
     return p
@@ -273,15 +280,18 @@ def main(argv=None) -> int:
         raise UserError(f"--arms: unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})")
     seeds = parse_list(args.seeds, "seeds", int)
     budgets = parse_list(args.budgets, "budgets", int)
+    if args.jobs < 1:
+        raise UserError("--jobs must be >= 1")
     if any(not 0 < b <= 100 for b in budgets):
         raise UserError("--budgets: each must be in 1..100 (percent of the sweep's proxies)")
-    for name in ("trajectories.csv", "mixtures.csv"):
-        if not os.path.isfile(os.path.join(args.sweep, name)):
-            raise UserError(f"{args.sweep}: no {name} (run tools.collect first)")
+    if any(ARMS[a].uses_budget for a in arms):
+        for name in ("trajectories.csv", "mixtures.csv"):
+            if not os.path.isfile(os.path.join(args.sweep, name)):
+                raise UserError(f"{args.sweep}: no {name} (run tools.collect first)")
     tokens = load_tokens(args.tokens)
     base = [sys.executable, LAUNCHER, "--config", args.config] + tokenizer_flags(tokens) + extra
     iters, eval_interval, target_tokens = launcher_settings(base[2:] + ["--data-path", "unused"])
-    domains = sorted({r["domain"] for r in read_rows(os.path.join(args.sweep, "mixtures.csv"))})
+    domains = sorted(tokens["domains"])   # the sweep's too, unless it was sampled with --domains
     ctx = Context(out=args.out, sweep=args.sweep, tokens_path=args.tokens, tokens=tokens, domains=domains,
                   target_tokens=target_tokens, stages=args.stages, candidates=args.candidates,
                   search_seed=args.search_seed, fit_flags=shlex.split(args.fit_flags),
@@ -322,19 +332,27 @@ def main(argv=None) -> int:
     if args.schedules_only:
         return 0
     expected = expected_evals(iters, eval_interval)
-    for n, (label, folder, arm, seed) in enumerate(plan, 1):
+    threads = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
+
+    def one(n, label, folder, arm, seed):
         run_dir = os.path.join(args.out, RUNS, label, f"seed{seed}")
         title = f"({n}/{len(plan)}) {label} seed {seed}"
         if os.path.exists(os.path.join(run_dir, DONE)):
             print(f"[compare] {title}: done, skipped", flush=True)
-            continue
-        sched = os.path.join(folder, SCHED)
-        MixtureSchedule.load(sched).validate()
-        run_dir_sched = os.path.join(run_dir, SCHED)
-        os.makedirs(run_dir, exist_ok=True)
-        shutil.copyfile(sched, run_dir_sched)
-        argv = base + ["--data-schedule", run_dir_sched, "--seed", str(seed)] + ARMS[arm].launcher_flags(ctx, folder)
-        run_target(ctx, argv, run_dir, expected, title)
+        else:
+            sched = os.path.join(folder, SCHED)
+            MixtureSchedule.load(sched).validate()
+            run_dir_sched = os.path.join(run_dir, SCHED)
+            os.makedirs(run_dir, exist_ok=True)
+            shutil.copyfile(sched, run_dir_sched)
+            argv = base + ["--data-schedule", run_dir_sched, "--seed", str(seed)] + ARMS[arm].launcher_flags(ctx, folder)
+            run_target(argv, run_dir, expected, title, threads if args.jobs > 1 else None)
+        if not os.path.exists(os.path.join(run_dir, HELDOUT)):
+            python_module("tools.heldout", [run_dir, "--tokens", args.tokens])
+
+    with ThreadPoolExecutor(args.jobs) as pool:   # each run is its own process; threads only wait
+        for future in [pool.submit(one, n, *item) for n, item in enumerate(plan, 1)]:
+            future.result()
     print(f"[compare] {len(plan)} runs complete under {os.path.join(args.out, RUNS)}", flush=True)
     return 0
 

@@ -12,7 +12,8 @@ baseline: the cross-entropy, on each domain's validation tokens, of a unigram mo
 fitted on the pooled training tokens of every domain, read from the `.bin/.idx` files of tokens.json.
 
 Evaluation, fixed before any result was seen: the mean over domains of the held-out loss, the
-target metric the searches optimized, each domain's loss; mean ± sample std over seeds. A difference
+target metric the searches optimized, each domain's loss, and (from each run's heldout.json, written
+by tools.heldout) top-1 token and whole-word accuracy, which no arm optimizes; mean ± sample std over seeds. A difference
 is called only when it exceeds the larger seed std of the two arms (so never with one seed).
 Writes OUT/index.md, OUT/summary.json and PNGs; the last printed lines say which arm won on what.
 """
@@ -33,6 +34,8 @@ from tools.cli import run_main
 from tools.sweep import load_tokens, read_json, trajectory_records
 
 MEAN = "mean over domains"
+TOKEN_ACC, WORD_ACC = "top-1 token accuracy", "whole-word accuracy"   # tools.heldout; higher is better
+HIGHER_IS_BETTER = (TOKEN_ACC, WORD_ACC)
 
 
 # ---------------------------------------------------------------- unigram baseline
@@ -113,6 +116,7 @@ def load_run(run_dir: str) -> dict:
     return {"dir": run_dir, "seed": seed_of(run_dir), "records": records, "final": last,
             "losses": dict(last["losses"]), "target": float(last["target"]), "target_name": last.get("target_name"),
             "train_log": read_jsonl(os.path.join(run_dir, "train_log.jsonl")),
+            "heldout": read_json(os.path.join(run_dir, "heldout.json")),
             "schedule": MixtureSchedule.load(sched) if os.path.exists(sched) else None}
 
 
@@ -132,19 +136,23 @@ def arm_metrics(runs: list, domains: list) -> dict:
     per = {d: [r["losses"][d] for r in runs] for d in domains}
     per[MEAN] = [float(np.mean([r["losses"][d] for d in domains])) for r in runs]
     per["target"] = [r["target"] for r in runs]
+    if all(r["heldout"] for r in runs):
+        per[TOKEN_ACC] = [r["heldout"]["mean_token_accuracy"] for r in runs]
+        per[WORD_ACC] = [r["heldout"]["mean_word_accuracy"] for r in runs]
     return {k: (*mean_std(v), len(v)) for k, v in per.items()}
 
 
 def verdict(metrics: dict, metric: str) -> str:
-    """One line: the lowest arm on `metric`, and whether its lead exceeds the seed spread."""
-    ranked = sorted(metrics, key=lambda a: metrics[a][metric][0])
+    """One line: the best arm on `metric`, and whether its lead exceeds the seed spread."""
+    higher = metric in HIGHER_IS_BETTER
+    ranked = sorted(metrics, key=lambda a: -metrics[a][metric][0] if higher else metrics[a][metric][0])
     best = ranked[0]
     m, s, n = metrics[best][metric]
     if len(ranked) == 1:
         return f"{metric}: only {best} ran ({m:.4f})"
     second = ranked[1]
     m2, s2, n2 = metrics[second][metric]
-    gap = m2 - m
+    gap = abs(m2 - m)
     spread = max(s, s2)
     if n < 2 or n2 < 2:
         call = f"not called: {min(n, n2)} seed, no seed spread to compare with"
@@ -152,7 +160,7 @@ def verdict(metrics: dict, metric: str) -> str:
         call = f"exceeds the seed std {spread:.4f}: {best} wins"
     else:
         call = f"within the seed std {spread:.4f}: no winner"
-    return f"{metric}: lowest {best} {m:.4f}, next {second} {m2:.4f} (gap {gap:.4f}; {call})"
+    return f"{metric}: {'highest' if higher else 'lowest'} {best} {m:.4f}, next {second} {m2:.4f} (gap {gap:.4f}; {call})"
 
 
 def budget_of(label: str):
@@ -345,6 +353,44 @@ def markdown_table(header: list, rows: list) -> str:
     return "\n".join(lines)
 
 
+def proxy_section(sweep: str, domains, baseline: dict, out: str) -> tuple:
+    """(markdown lines, summary) of the sweep's proxies: final loss per domain beside the unigram
+    baseline, the spread across mixtures (the signal a surrogate can learn), and proxies.png."""
+    proxies = proxy_summary(sweep, domains)
+    plot_proxies(proxies, os.path.join(out, "proxies.png"))
+    header = ["domain", "unigram", "proxies' final loss mean", "std across mixtures", "min", "max"]
+    rows = [[d, f"{baseline[d]:.4f}" if d in baseline else "n/a", f"{p['mean']:.4f}", f"{p['std']:.4f}",
+             f"{p['min']:.4f}", f"{p['max']:.4f}"] for d, p in proxies["final"].items()]
+    md = [f"## Proxies ({proxies['proxies']} runs of {proxies['iterations']} iterations, `{sweep}`)", "",
+          markdown_table(header, rows), ""]
+    stds = [p["std"] for d, p in proxies["final"].items() if d != "target"]
+    summary = {k: v for k, v in proxies.items() if k != "rows"}
+    summary["sweep"] = sweep
+    summary["mean_domain_std"] = float(np.mean(stds))
+    summary["unigram_mean"] = float(np.mean([baseline[d] for d in domains])) if baseline else None
+    return md, summary
+
+
+def proxy_report(sweep: str, tokens, out: str) -> dict:
+    """The proxies alone (a sizing sweep): OUT/index.md with the proxy table and plot."""
+    baseline = unigram_baseline(tokens) if tokens else {}
+    domains = sorted({r["domain"] for r in proxy_summary(sweep, [])["rows"]})
+    os.makedirs(out, exist_ok=True)
+    md, proxies = proxy_section(sweep, domains, baseline, out)
+    atomic_write(os.path.join(out, "index.md"), "\n".join(["# Proxy report", ""] + md + ["![proxies](proxies.png)", ""]))
+    atomic_write(os.path.join(out, "summary.json"), json.dumps({"proxies": proxies}, indent=1))
+    return {"proxies": proxies}
+
+
+def print_proxy_line(summary: dict) -> None:
+    p = summary["proxies"]
+    t = p["final"]["target"]
+    base = f" (unigram {p['unigram_mean']:.4f})" if p["unigram_mean"] is not None else ""
+    print(f"proxies {p['sweep']}: {p['proxies']} runs of {p['iterations']} iterations, final target "
+          f"{t['mean']:.4f} ± {t['std']:.4f} [{t['min']:.4f}, {t['max']:.4f}]{base}, "
+          f"per-domain std across mixtures {p['mean_domain_std']:.4f} (mean over domains)")
+
+
 def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -> dict:
     domains = sorted(set.intersection(*(set(r["losses"]) for runs in arms.values() for r in runs)))
     if not domains:
@@ -364,17 +410,22 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
     md += [f"Held-out loss in nats on the same validation tokens for every arm (last evaluation); the target "
            f"metric is the launcher's `{', '.join(target_names)}` of the domain losses (what the searches "
            f"minimized on the proxies). Mean ± sample std over seeds. Unigram baseline: pooled-train unigram "
-           f"cross-entropy on each domain's validation set.", ""]
-    header = ["arm", "seeds", MEAN, "target metric", "vs unigram (mean)"]
+           f"cross-entropy on each domain's validation set. Accuracies (higher is better; tools.heldout, "
+           f"the check no arm optimizes): top-1 next-token and greedy whole-word accuracy on each domain's "
+           f"first validation windows, averaged over domains.", ""]
+    accuracies = [k for k in HIGHER_IS_BETTER if all(k in m for m in metrics.values())]
+    header = ["arm", "seeds", MEAN, "target metric", "vs unigram (mean)"] + accuracies
     rows = []
     for label, m in metrics.items():
         gap = f"{m[MEAN][0] - base_mean:+.4f}" if base_mean is not None else "n/a"
-        rows.append([label, ", ".join(r["seed"] for r in arms[label]), fmt(*m[MEAN][:2]), fmt(*m["target"][:2]), gap])
+        rows.append([label, ", ".join(r["seed"] for r in arms[label]), fmt(*m[MEAN][:2]), fmt(*m["target"][:2]), gap]
+                    + [fmt(*m[k][:2]) for k in accuracies])
+    blank = ["-"] * (2 + len(accuracies))
     for arm, a in info.get("arms", {}).items():
         if a["status"] != "run":
-            rows.append([arm, "-", a["status"], "-", "-"])
+            rows.append([arm, "-", a["status"]] + blank)
         elif not any(lab in arms for lab in a["labels"]):
-            rows.append([arm, "-", "not finished", "-", "-"])
+            rows.append([arm, "-", "not finished"] + blank)
     md += ["## Arms", "", markdown_table(header, rows), ""]
     if base_mean is not None:
         md += [f"Unigram baseline, mean over domains: {base_mean:.4f}.", ""]
@@ -386,7 +437,7 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
             for d in domains]
     md += ["## Held-out loss per domain", "", markdown_table(header, rows), ""]
 
-    lines = [verdict(metrics, MEAN), verdict(metrics, "target")]
+    lines = [verdict(metrics, MEAN), verdict(metrics, "target")] + [verdict(metrics, k) for k in accuracies]
     domain_wins = {}
     for d in domains:
         domain_wins.setdefault(min(metrics, key=lambda a: metrics[a][d][0]), []).append(d)
@@ -415,15 +466,9 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
                             for k, v in m.items()} for a, m in metrics.items()},
                "verdict": lines}
     if sweep:
-        proxies = proxy_summary(sweep, domains)
-        plot_proxies(proxies, os.path.join(out, "proxies.png"))
+        section, summary["proxies"] = proxy_section(sweep, domains, baseline, out)
+        md += section
         plots["proxies.png"] = "Proxy trajectories (target metric)"
-        header = ["domain", "unigram", "proxies' final loss mean", "std across mixtures", "min", "max"]
-        rows = [[d, f"{baseline[d]:.4f}" if d in baseline else "n/a", f"{p['mean']:.4f}", f"{p['std']:.4f}",
-                 f"{p['min']:.4f}", f"{p['max']:.4f}"] for d, p in proxies["final"].items()]
-        md += [f"## Proxies ({proxies['proxies']} runs of {proxies['iterations']} iterations, `{sweep}`)", "",
-               markdown_table(header, rows), ""]
-        summary["proxies"] = {k: v for k, v in proxies.items() if k != "rows"}
     cv = surrogate_cv(compare) if compare else []
     if cv:
         md += ["## Surrogates (grouped K-fold CV by proxy, objective `target`, all transitions)", "",
@@ -453,14 +498,21 @@ def main(argv=None) -> int:
     found = discover_runs(args.compare) if args.compare else {}
     for label, dirs in parse_run_args(args.run).items():
         found.setdefault(label, []).extend(dirs)
-    if not found:
-        raise UserError("no finished runs: give --compare DIR (with finished runs) or --run LABEL=DIR")
+    if not found and not args.sweep:
+        raise UserError("no finished runs: give --compare DIR (with finished runs), --run LABEL=DIR or --sweep DIR")
     settings = (read_json(os.path.join(args.compare, "compare.json")) or {}).get("settings", {}) if args.compare else {}
     tokens_path = args.tokens or settings.get("tokens")
     sweep = args.sweep or settings.get("sweep")
+    tokens = load_tokens(tokens_path) if tokens_path else None
+    if not found:
+        print_proxy_line(proxy_report(sweep, tokens, args.out))
+        print(f"wrote {os.path.join(args.out, 'index.md')}")
+        return 0
     arms = {label: [load_run(d) for d in dirs] for label, dirs in found.items()}
-    summary = build_report(arms, load_tokens(tokens_path) if tokens_path else None, args.out, sweep, args.compare)
+    summary = build_report(arms, tokens, args.out, sweep, args.compare)
     print(f"wrote {os.path.join(args.out, 'index.md')}")
+    if "proxies" in summary:
+        print_proxy_line(summary)
     for label, m in summary["arms"].items():
         extra = (f" (unigram {summary['unigram_mean']:.4f})" if summary["unigram_mean"] is not None else "")
         std = m[MEAN]["std"]
