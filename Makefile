@@ -62,7 +62,7 @@ SEEDS ?= 1,2,3
 BUDGETS ?= 25,50,100
 COMPARE_ARGS = --sweep $(SWEEP) --tokens $(TOKENS) --config $(TARGET_CONFIG) --stages $(STAGES) \
     --candidates $(CANDIDATES) --fit-flags="$(FIT_FLAGS)" --search-flags="$(SEARCH_FLAGS)"
-# `make target`: one more run of the demo target on the demo's RegMix-D schedule
+# `make target`: one more run (any TARGET_CONFIG) on the demo's RegMix-D schedule (a fraction schedule)
 SCHEDULE ?= $(DEMO)/schedules/regmixd_offline_b100/sched.json
 TARGET_SAVE ?= runs/target
 
@@ -110,7 +110,8 @@ compare: proxies
 	    --budgets $(BUDGETS) -- $(TARGET_FLAGS)
 	$(PY) -m tools.report --compare $(COMPARE) --out $(COMPARE)/report
 
-target: schedule
+target: venv
+	@test -f $(SCHEDULE) || { echo "error: no $(SCHEDULE): run make schedule (or make demo) first"; exit 2; }
 	mkdir -p $(TARGET_SAVE)
 	$(PY) pretrain_regmixd.py --config $(TARGET_CONFIG) --data-schedule $(SCHEDULE) \
 	    --tokenizer-type SentencePieceTokenizer --tokenizer-model $(DATA)/tok/tokenizer.model \

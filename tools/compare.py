@@ -222,6 +222,7 @@ def run_target(argv: list, run_dir: str, expected: int, title: str, threads=None
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
+            log.flush()
             if line.startswith(("iter ", "eval iter ")):
                 print(f"[compare]   {title}: {line.rstrip()[:160]}", flush=True)
         code = proc.wait()

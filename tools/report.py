@@ -23,6 +23,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -470,6 +471,11 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
         md += section
         plots["proxies.png"] = "Proxy trajectories (target metric)"
     cv = surrogate_cv(compare) if compare else []
+    for label, *_ in cv:   # tools.fit's out-of-fold predicted-vs-observed plot, beside the report
+        png = os.path.join(compare, "schedules", label, "surrogate", "pred_vs_obs.png")
+        if os.path.exists(png):
+            shutil.copyfile(png, os.path.join(out, f"cv_{label}.png"))
+            plots[f"cv_{label}.png"] = f"{label}: the surrogate's out-of-fold predictions against the proxies' losses"
     if cv:
         md += ["## Surrogates (grouped K-fold CV by proxy, objective `target`, all transitions)", "",
                markdown_table(["schedule", "proxies", "LightGBM Spearman", "ridge Spearman"],
