@@ -18,7 +18,6 @@ has one, else starts over: a kill loses at most the run in progress. `tools.repo
 """
 import argparse
 import csv
-import json
 import math
 import os
 import shlex
@@ -44,7 +43,6 @@ COMPARE_JSON, SCHEDULES, RUNS, LOG = "compare.json", "schedules", "runs", "log.t
 @dataclass
 class Context:
     """What every arm's recipe may use."""
-    out: str
     sweep: str
     tokens_path: str
     tokens: dict
@@ -293,7 +291,7 @@ def main(argv=None) -> int:
     base = [sys.executable, LAUNCHER, "--config", args.config] + tokenizer_flags(tokens) + extra
     iters, eval_interval, target_tokens = launcher_settings(base[2:] + ["--data-path", "unused"])
     domains = sorted(tokens["domains"])   # the sweep's too, unless it was sampled with --domains
-    ctx = Context(out=args.out, sweep=args.sweep, tokens_path=args.tokens, tokens=tokens, domains=domains,
+    ctx = Context(sweep=args.sweep, tokens_path=args.tokens, tokens=tokens, domains=domains,
                   target_tokens=target_tokens, stages=args.stages, candidates=args.candidates,
                   search_seed=args.search_seed, fit_flags=shlex.split(args.fit_flags),
                   search_flags=shlex.split(args.search_flags))
