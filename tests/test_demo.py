@@ -1,0 +1,135 @@
+"""The demo pipeline at micro size: fixture corpus → 4 proxies → collect → tools.compare (fit, search,
+two target arms through the launcher) → tools.report, with a comparison killed mid-run and resumed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fixtures import make_domains
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+MODEL = """num-layers: 2
+hidden-size: 64
+num-attention-heads: 4
+ffn-hidden-size: 128
+seq-length: 64
+micro-batch-size: 4
+global-batch-size: 8
+lr: 3.0e-3
+min-lr: 3.0e-3
+lr-warmup-iters: 1
+eval-iters: 2
+log-interval: 2
+"""
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def cli(module, *args, check=True):
+    out = subprocess.run([PY, "-m", module, *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True)
+    if check:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """4 collected proxies of 6 iterations on the 3-domain fixture corpus, evaluated every 2 (3 stages)."""
+    root = tmp_path_factory.mktemp("demo")
+    make_domains(str(root / "tok"), n_docs=120, valid_docs=24, vocab_size=256)
+    (root / "proxy.yaml").write_text(MODEL)
+    sweep = root / "sweep"
+    cli("tools.sweep", "sample", sweep, "--tokens", root / "tok" / "tokens.json", "--n", 4)
+    cli("tools.sweep", "run", sweep, "--config", root / "proxy.yaml", "--jobs", 2, "--retries", 0,
+        "--train-iters", 6, "--eval-interval", 2)
+    cli("tools.collect", sweep)
+    return root
+
+
+def compare_args(root, out):
+    return ["--sweep", root / "sweep", "--tokens", root / "tok" / "tokens.json", "--config", root / "proxy.yaml",
+            "--out", out, "--arms", "natural,regmixd_offline,doremi", "--seeds", 3, "--stages", 3,
+            "--candidates", 2000, "--fit-flags=--min-data-in-leaf 2 --num-iterations 50",
+            "--", "--train-iters", 8, "--eval-interval", 4]
+
+
+@pytest.mark.slow
+def test_compare_killed_resumed_then_reported(sweep, tmp_path):
+    out = tmp_path / "cmp"
+    argv = [PY, "-m", "tools.compare", *map(str, compare_args(sweep, out))]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    second = out / "runs" / "regmixd_offline_b100" / "seed3"
+    deadline = time.time() + 300
+    while not (second / "log.txt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)   # the runner and its launcher, mid-way through the second run
+    text = proc.communicate()[0]
+    assert (out / "runs" / "natural" / "seed3" / "done").exists(), text[-3000:]
+    assert not (second / "done").exists(), text[-3000:]
+
+    resumed = cli("tools.compare", *compare_args(sweep, out)).stdout
+    assert "(1/2) natural seed 3: done, skipped" in resumed
+    assert "(2/2) regmixd_offline_b100 seed 3: training" in resumed
+    assert "doremi: not run" in resumed
+    again = cli("tools.compare", *compare_args(sweep, out)).stdout
+    assert "training" not in again and again.count("done, skipped") == 2 + 2   # 2 schedules, 2 runs
+
+    # the RegMix-D schedule: 3 stages, stage 0 the token prior, searched for the target's own tokens
+    sched = json.loads((out / "schedules" / "regmixd_offline_b100" / "sched.json").read_text())
+    assert len(sched["stages"]) == 3
+    assert sched["provenance"]["target_tokens"] == 8 * 8 * 64
+
+    report = cli("tools.report", "--compare", out, "--out", tmp_path / "report")
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    for label in ("natural", "regmixd_offline_b100"):
+        lines = [json.loads(l) for l in (out / "runs" / label / "seed3" / "trajectory.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in lines] == [4, 8]
+        final = lines[-1]["losses"]
+        got = summary["arms"][label]
+        assert got["mean over domains"]["mean"] == pytest.approx(np.mean(list(final.values())), abs=1e-12)
+        assert got["target"]["mean"] == pytest.approx(lines[-1]["target"], abs=1e-12)
+        assert got["books"]["std"] is None and got["books"]["seeds"] == 1
+        heldout = json.loads((out / "runs" / label / "seed3" / "heldout.json").read_text())
+        assert got["top-1 token accuracy"]["mean"] == pytest.approx(heldout["mean_token_accuracy"], abs=1e-12)
+        assert 0 <= heldout["mean_token_accuracy"] <= 1 and set(heldout["token_accuracy"]) == set(final)
+    # the unigram baseline is a cross-entropy of the fixture's Zipf bands: below ln(vocab), above 0
+    assert all(0 < v < np.log(257) for v in summary["unigram"].values())
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "| doremi | - | not run:" in index
+    verdict = [l for l in report.stdout.splitlines() if l.startswith("mean over domains: lowest")]
+    assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
+    for png in ("domain_losses.png", "training.png", "schedules.png", "predicted_vs_observed.png", "proxies.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_regmix_static_fit_and_bad_input(sweep, tmp_path):
+    """RegMix's arm fits the proxies' final losses with one searched stage; a changed comparison is refused."""
+    out = tmp_path / "cmp"
+    args = compare_args(sweep, out)
+    args[args.index("natural,regmixd_offline,doremi")] = "regmix"
+    args[args.index("--seeds") + 1] = "1"
+    budgets = args.index("--candidates")
+    args[budgets:budgets] = ["--budgets", "50,100", "--schedules-only"]
+    cli("tools.compare", *args)
+    for budget, proxies in (("50", 2), ("100", 4)):
+        sched = json.loads((out / "schedules" / f"regmix_b{budget}" / "sched.json").read_text())
+        assert len(sched["stages"]) == 1 and sched["provenance"]["proxies"] == proxies
+        losses = (out / "schedules" / f"regmix_b{budget}" / "losses_static.csv").read_text().splitlines()
+        assert len(losses) == 1 + proxies and losses[0].startswith("index,target,")
+    args[-1] = 16   # another --eval-interval: not the same comparison
+    bad = cli("tools.compare", *args, check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "eval_interval" in bad.stderr
+    assert "Traceback" not in bad.stderr
