@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron_ext.atomic import atomic_write
+from megatron_ext.checkpoint_files import TRACKER
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
 from tools.heldout import HELDOUT
-from tools.sweep import (CHECKPOINT_TRACKER, DONE, LAUNCHER, SCHED, expected_evals, load_tokens, proxy_schedule,
+from tools.sweep import (DONE, LAUNCHER, SCHED, expected_evals, load_tokens, proxy_schedule,
                          free_port, read_json, tokenizer_flags, trajectory_records, write_json)
 
 COMPARE_JSON, SCHEDULES, RUNS, LOG = "compare.json", "schedules", "runs", "log.txt"
@@ -203,7 +204,7 @@ def run_target(argv: list, run_dir: str, expected: int, title: str, threads=None
     """One target run to completion: resume from a checkpoint, or start over with a stale log removed.
     `threads` sets OMP_NUM_THREADS when several runs share the machine."""
     os.makedirs(run_dir, exist_ok=True)
-    resume = os.path.exists(os.path.join(run_dir, CHECKPOINT_TRACKER))
+    resume = os.path.exists(os.path.join(run_dir, TRACKER))
     if not resume:
         for name in ("trajectory.jsonl", "train_log.jsonl"):
             if os.path.exists(os.path.join(run_dir, name)):
