@@ -59,7 +59,7 @@ def sweep(tmp_path_factory):
 
 def compare_args(root, out):
     return ["--sweep", root / "sweep", "--tokens", root / "tok" / "tokens.json", "--config", root / "proxy.yaml",
-            "--out", out, "--arms", "natural,regmixd_offline,doremi", "--seeds", 3, "--stages", 3,
+            "--out", out, "--arms", "natural,regmixd_offline,regmixd_online", "--seeds", 3, "--stages", 3,
             "--candidates", 2000, "--fit-flags=--min-data-in-leaf 2 --num-iterations 50",
             "--", "--train-iters", 8, "--eval-interval", 4]
 
@@ -80,11 +80,17 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
     assert not (second / "done").exists(), text[-3000:]
 
     resumed = cli("tools.compare", *compare_args(sweep, out)).stdout
-    assert "(1/2) natural seed 3: done, skipped" in resumed
-    assert "(2/2) regmixd_offline_b100 seed 3: training" in resumed
-    assert "doremi: not run" in resumed
+    assert "(1/3) natural seed 3: done, skipped" in resumed
+    assert "(2/3) regmixd_offline_b100 seed 3: training" in resumed
+    assert "(3/3) regmixd_online_b100 seed 3: training" in resumed
     again = cli("tools.compare", *compare_args(sweep, out)).stdout
-    assert "training" not in again and again.count("done, skipped") == 2 + 2   # 2 schedules, 2 runs
+    assert "training" not in again and again.count("done, skipped") == 3 + 3   # 3 schedules, 3 runs
+    # the online arm: the controller decided every switch point of the surrogate's 3-stage grid
+    online = [json.loads(l) for l in
+              (out / "runs" / "regmixd_online_b100" / "seed3" / "trajectory.jsonl").read_text().splitlines()]
+    decisions = [r["regmixd"] for r in online if "regmixd" in r]
+    assert [d["switch"] for d in decisions] == [1, 2], online
+    assert all(abs(sum(d["weights"].values()) - 1) < 1e-9 for d in decisions)
 
     # the RegMix-D schedule: 3 stages, stage 0 the token prior, searched for the target's own tokens
     sched = json.loads((out / "schedules" / "regmixd_offline_b100" / "sched.json").read_text())
@@ -107,7 +113,7 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
     # the unigram baseline is a cross-entropy of the fixture's Zipf bands: below ln(vocab), above 0
     assert all(0 < v < np.log(257) for v in summary["unigram"].values())
     index = (tmp_path / "report" / "index.md").read_text()
-    assert "| doremi | - | not run:" in index
+    assert "| regmixd_online_b100 |" in index
     verdict = [l for l in report.stdout.splitlines() if l.startswith("mean over domains: lowest")]
     assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
     for png in ("domain_losses.png", "training.png", "schedules.png", "predicted_vs_observed.png", "proxies.png"):
@@ -119,7 +125,7 @@ def test_regmix_static_fit_and_bad_input(sweep, tmp_path):
     """RegMix's arm fits the proxies' final losses with one searched stage; a changed comparison is refused."""
     out = tmp_path / "cmp"
     args = compare_args(sweep, out)
-    args[args.index("natural,regmixd_offline,doremi")] = "regmix"
+    args[args.index("natural,regmixd_offline,regmixd_online")] = "regmix,doremi"
     args[args.index("--seeds") + 1] = "1"
     budgets = args.index("--candidates")
     args[budgets:budgets] = ["--budgets", "50,100", "--schedules-only"]
@@ -129,6 +135,11 @@ def test_regmix_static_fit_and_bad_input(sweep, tmp_path):
         assert len(sched["stages"]) == 1 and sched["provenance"]["proxies"] == proxies
         losses = (out / "schedules" / f"regmix_b{budget}" / "losses_static.csv").read_text().splitlines()
         assert len(losses) == 1 + proxies and losses[0].startswith("index,target,")
+    # DoReMi: reference on the natural mixture, a DRO proxy against it, its averaged weights as one stage
+    doremi = json.loads((out / "schedules" / "doremi" / "sched.json").read_text())
+    assert len(doremi["stages"]) == 1 and doremi["provenance"]["made_by"] == "tools/schedule from-doremi"
+    weights = doremi["stages"][0]["train"][0::2]
+    assert len(weights) == 3 and abs(sum(weights) - 1) < 1e-6 and min(weights) > 0
     args[-1] = 16   # another --eval-interval: not the same comparison
     bad = cli("tools.compare", *args, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "eval_interval" in bad.stderr

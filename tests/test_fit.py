@@ -357,3 +357,21 @@ def test_real_proxy_sweep_fits_searches_and_predicts_within_bounds(tmp_path):
                         "--candidates", "2000", "--top-k", "20", "--no-plot"]) == 0
     sched = json.loads(out.read_text())
     assert len(sched["stages"]) == 6 and all(np.isfinite(sched["provenance"]["predicted_loss"]))
+
+
+def test_default_model_ranks_real_proxies_at_least_as_well_as_static(tmp_path):
+    """80 real proxies of the demo recipe (tests/data/gpu_sweep80: 96 steps of 16 x 128 tokens, 12 domains,
+    swept on a GPU machine): rolled out from the mixture alone, the default trajectory model ranks held-out
+    runs' final target loss at least as well as the static fit on the same folds (issue 9's bar).
+    Printed as measured; the margin on this data is ~0.03, far above cross-platform LightGBM noise."""
+    sur = tmp_path / "sur"
+    assert fit.main(["--sweep", os.path.join(ROOT, "tests", "data", "gpu_sweep80"), "--out", str(sur),
+                     "--stages", "6", "--targets", "target", "--no-plot"]) == 0
+    entry = json.loads((sur / "cv.json").read_text())["targets"]["target"]
+    print(f"\n80 real proxies, 5-fold rollout CV: default spearman {entry['rollout']['spearman']:.4f} "
+          f"(MAE {entry['rollout']['mae']:.4f}), static LightGBM {entry['static']['spearman']:.4f} "
+          f"(MAE {entry['static']['mae']:.4f}), persistence one-step MAE {entry['persistence']['mae']:.4f}, "
+          f"default one-step MAE {entry['one_step']['mae']:.4f}")
+    assert entry["rollout"]["n"] == entry["static"]["n"] == 80 and entry["constant_folds"] == 0
+    assert entry["rollout"]["spearman"] >= entry["static"]["spearman"]
+    assert entry["rollout"]["mae"] <= entry["static"]["mae"]

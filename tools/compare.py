@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.checkpoint_files import TRACKER
@@ -54,18 +54,18 @@ class Context:
     search_seed: int
     fit_flags: list
     search_flags: list
+    launcher: list           # the target's launcher command without schedule, seed and --save
+    expected_evals: int      # evaluation lines of a complete target run
 
 
 @dataclass(frozen=True)
 class Arm:
     """One way to choose the target's data. `schedule(ctx, budget, folder)` writes folder/sched.json;
-    `launcher_flags(ctx, folder)` adds flags (the controllers). `pending` says why an arm cannot run
-    yet: it is then reported as "not run", never with a number."""
+    `launcher_flags(ctx, folder)` adds flags (the controllers)."""
     what: str
-    schedule: Optional[Callable] = None
+    schedule: Callable
     launcher_flags: Callable = lambda ctx, folder: []
     uses_budget: bool = False
-    pending: str = ""
 
 
 def python_module(module: str, argv: list) -> None:
@@ -126,13 +126,47 @@ def search(ctx: Context, surrogate: str, folder: str, stages: int) -> None:
                                    "--seed", ctx.search_seed] + ctx.search_flags)
 
 
-def regmixd_offline_schedule(ctx: Context, budget: int, folder: str) -> None:
+def fit_trajectory_surrogate(ctx: Context, budget: int, folder: str) -> str:
+    """folder/surrogate: the trajectory surrogate of the budget's proxies (RegMix-D offline and online)."""
     runs = subset_sweep(ctx, budget, folder)
     surrogate = os.path.join(folder, "surrogate")
     python_module("tools.fit", ["--sweep", os.path.join(folder, "proxies"), "--out", surrogate,
                                 "--stages", ctx.stages, "--targets", "target", "--folds", folds(len(runs))]
                   + ctx.fit_flags)
-    search(ctx, surrogate, folder, ctx.stages)
+    return surrogate
+
+
+def regmixd_offline_schedule(ctx: Context, budget: int, folder: str) -> None:
+    search(ctx, fit_trajectory_surrogate(ctx, budget, folder), folder, ctx.stages)
+
+
+def regmixd_online_schedule(ctx: Context, budget: int, folder: str) -> None:
+    """The surrogate the controller queries, and the prior (token shares) it starts from."""
+    fit_trajectory_surrogate(ctx, budget, folder)
+    natural_schedule(ctx, budget, folder)
+
+
+def regmixd_online_flags(ctx: Context, folder: str) -> list:
+    return ["--mixture-controller", "regmixd", "--surrogate", os.path.join(folder, "surrogate"),
+            "--controller-candidates", str(ctx.candidates), "--controller-seed", str(ctx.search_seed),
+            "--controller-tokens", ctx.tokens_path]
+
+
+def doremi_schedule(ctx: Context, budget, folder: str) -> None:
+    """DoReMi as its authors run it, at the target's size here: a reference model on the natural
+    mixture, then a Group-DRO proxy against it (same model, tokens and data); its averaged domain
+    weights become the target's one-stage mixture."""
+    natural_schedule(ctx, budget, folder)
+    prior = os.path.join(folder, "prior_" + SCHED)
+    os.replace(os.path.join(folder, SCHED), prior)
+    reference, dro = os.path.join(folder, "reference"), os.path.join(folder, "dro")
+    for run_dir, flags, title in ((reference, [], "doremi reference (natural mixture)"),
+                                  (dro, ["--mixture-controller", "doremi", "--reference-load", reference],
+                                   "doremi DRO proxy")):
+        if not os.path.exists(os.path.join(run_dir, DONE)):
+            run_target(ctx.launcher + ["--data-schedule", prior] + flags, run_dir, ctx.expected_evals, title)
+    python_module("tools.schedule", ["from-doremi", os.path.join(dro, "doremi_weights.json"),
+                                     "--out", os.path.join(folder, SCHED)])
 
 
 def static_tables(ctx: Context, runs: list, folder: str) -> tuple:
@@ -180,8 +214,6 @@ def regmix_schedule(ctx: Context, budget: int, folder: str) -> None:
     search(ctx, surrogate, folder, 1)
 
 
-CONTROLLERS = "the launcher's --mixture-controller (issue 10) is not merged yet"
-
 ARMS = {
     "natural": Arm("token-proportional mixture (the corpus as it is)", natural_schedule),
     "uniform": Arm("equal weight per domain", uniform_schedule),
@@ -189,9 +221,10 @@ ARMS = {
                   regmix_schedule, uses_budget=True),
     "regmixd_offline": Arm("RegMix-D offline: per-transition fit of the proxies' trajectories, K-stage rollout search",
                            regmixd_offline_schedule, uses_budget=True),
-    "doremi": Arm("DoReMi: reference + DRO proxy, averaged weights", pending=CONTROLLERS),
+    "doremi": Arm("DoReMi: reference (natural mixture) + Group-DRO proxy of the target's size, averaged weights",
+                  doremi_schedule),
     "regmixd_online": Arm("RegMix-D online: the frozen transition model queried with the target's own losses",
-                          pending=CONTROLLERS),
+                          regmixd_online_schedule, launcher_flags=regmixd_online_flags, uses_budget=True),
 }
 DEFAULT_ARMS = "natural,uniform,regmix,regmixd_offline,doremi,regmixd_online"
 
@@ -295,7 +328,8 @@ def main(argv=None) -> int:
     ctx = Context(sweep=args.sweep, tokens_path=args.tokens, tokens=tokens, domains=domains,
                   target_tokens=target_tokens, stages=args.stages, candidates=args.candidates,
                   search_seed=args.search_seed, fit_flags=shlex.split(args.fit_flags),
-                  search_flags=shlex.split(args.search_flags))
+                  search_flags=shlex.split(args.search_flags), launcher=base,
+                  expected_evals=expected_evals(iters, eval_interval))
     settings = {"sweep": args.sweep, "tokens": args.tokens, "config": args.config, "launcher": extra,
                 "target_tokens": target_tokens, "train_iters": iters, "eval_interval": eval_interval,
                 "stages": args.stages, "candidates": args.candidates, "search_seed": args.search_seed,
@@ -308,8 +342,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     arm_info = dict((previous or {}).get("arms", {}))
     for arm in arms:
-        arm_info[arm] = {"what": ARMS[arm].what, "labels": labels(arm, budgets),
-                         "status": f"not run: {ARMS[arm].pending}" if ARMS[arm].pending else "run"}
+        arm_info[arm] = {"what": ARMS[arm].what, "labels": labels(arm, budgets)}
     all_seeds = sorted(set((previous or {}).get("seeds", [])) | set(seeds))
     write_json(os.path.join(args.out, COMPARE_JSON), {"settings": settings, "arms": arm_info, "seeds": all_seeds})
     print(f"[compare] target: {iters} iterations, {target_tokens:,} tokens, evaluation every {eval_interval}; "
@@ -317,9 +350,6 @@ def main(argv=None) -> int:
 
     plan = []
     for arm in arms:
-        if ARMS[arm].pending:
-            print(f"[compare] {arm}: not run ({ARMS[arm].pending})", flush=True)
-            continue
         for label, budget in zip(labels(arm, budgets), budgets if ARMS[arm].uses_budget else [None]):
             folder = os.path.join(args.out, SCHEDULES, label)
             if os.path.isfile(os.path.join(folder, SCHED)):
@@ -331,7 +361,7 @@ def main(argv=None) -> int:
             plan += [(label, folder, arm, seed) for seed in seeds]
     if args.schedules_only:
         return 0
-    expected = expected_evals(iters, eval_interval)
+    expected = ctx.expected_evals
     threads = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
 
     def one(n, label, folder, arm, seed):

@@ -30,7 +30,7 @@ import numpy as np
 
 from megatron_ext.atomic import atomic_write
 from megatron_ext.errors import UserError
-from megatron_ext.schedule import MixtureSchedule, domain_name
+from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
 from tools.sweep import load_tokens, read_json, trajectory_records
 
@@ -423,9 +423,7 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
                     + [fmt(*m[k][:2]) for k in accuracies])
     blank = ["-"] * (2 + len(accuracies))
     for arm, a in info.get("arms", {}).items():
-        if a["status"] != "run":
-            rows.append([arm, "-", a["status"]] + blank)
-        elif not any(lab in arms for lab in a["labels"]):
+        if not any(lab in arms for lab in a["labels"]):
             rows.append([arm, "-", "not finished"] + blank)
     md += ["## Arms", "", markdown_table(header, rows), ""]
     if base_mean is not None:
