@@ -60,7 +60,11 @@ COMPARE ?= runs/compare
 COMPARE_ARMS ?= natural,uniform,regmix,regmixd_offline,doremi,regmixd_online
 SEEDS ?= 1,2,3
 BUDGETS ?= 25,50,100
-COMPARE_ARGS = --sweep $(SWEEP) --tokens $(TOKENS) --config $(TARGET_CONFIG) --stages $(STAGES) \
+# `make compare` sweeps its own COMPARE_PROXIES proxies (same recipe): a 25% budget of 8 would be 2 proxies,
+# too few for RegMix's static fit (tools.fit refuses a constant model)
+COMPARE_PROXIES ?= 32
+COMPARE_SWEEP := sweep/demo$(COMPARE_PROXIES)x$(PROXY_ITERS)
+COMPARE_ARGS = --tokens $(TOKENS) --config $(TARGET_CONFIG) --stages $(STAGES) \
     --candidates $(CANDIDATES) --fit-flags="$(FIT_FLAGS)" --search-flags="$(SEARCH_FLAGS)"
 # `make target`: one more run (any TARGET_CONFIG) on the demo's RegMix-D schedule (a fraction schedule)
 SCHEDULE ?= $(DEMO)/schedules/regmixd_offline_b100/sched.json
@@ -94,19 +98,20 @@ $(SWEEP)/trajectories.csv: $(TOKENS)
 	$(PY) -m tools.collect $(SWEEP)
 
 schedule: proxies
-	$(PY) -m tools.compare $(COMPARE_ARGS) --out $(DEMO) --arms $(DEMO_ARMS) --seeds 1 --budgets 100 \
-	    --schedules-only -- $(TARGET_FLAGS)
+	$(PY) -m tools.compare --sweep $(SWEEP) $(COMPARE_ARGS) --out $(DEMO) --arms $(DEMO_ARMS) --seeds 1 \
+	    --budgets 100 --schedules-only -- $(TARGET_FLAGS)
 	$(PY) -m tools.schedule show $(SCHEDULE)
 
 # corpus -> tokens -> proxies -> fit -> schedules -> one target run per arm -> report (every step resumable)
 demo: schedule
-	$(PY) -m tools.compare $(COMPARE_ARGS) --out $(DEMO) --arms $(DEMO_ARMS) --seeds 1 --budgets 100 \
-	    --jobs $(DEMO_JOBS) -- $(TARGET_FLAGS)
+	$(PY) -m tools.compare --sweep $(SWEEP) $(COMPARE_ARGS) --out $(DEMO) --arms $(DEMO_ARMS) --seeds 1 \
+	    --budgets 100 --jobs $(DEMO_JOBS) -- $(TARGET_FLAGS)
 	$(PY) -m tools.report --compare $(DEMO) --out $(REPORT)
 
-# every arm, SEEDS, proxy BUDGETS (% of the sweep) for RegMix and RegMix-D offline: hours on 2 cores
-compare: proxies
-	$(PY) -m tools.compare $(COMPARE_ARGS) --out $(COMPARE) --arms $(COMPARE_ARMS) --seeds $(SEEDS) \
+# every arm, SEEDS, proxy BUDGETS (% of the sweep) for RegMix and RegMix-D offline/online: hours on 2 cores
+compare: $(TOKENS)
+	$(MAKE) proxies PROXIES=$(COMPARE_PROXIES)
+	$(PY) -m tools.compare --sweep $(COMPARE_SWEEP) $(COMPARE_ARGS) --out $(COMPARE) --arms $(COMPARE_ARMS) --seeds $(SEEDS) \
 	    --budgets $(BUDGETS) -- $(TARGET_FLAGS)
 	$(PY) -m tools.report --compare $(COMPARE) --out $(COMPARE)/report
 

@@ -60,11 +60,12 @@ def test_from_doremi_refuses_a_file_that_is_not_doremi_weights(tmp_path, capsys)
 
 @pytest.fixture(scope="module")
 def synthetic_surrogate(tmp_path_factory):
-    """64 static proxies of test_fit's generator; a 5-stage transition surrogate of the target loss."""
+    """64 static proxies of test_fit's generator; a 5-stage transition surrogate of the target loss, the
+    paper's model (`--model reference`): its rollout starts every search from a loss state, as online."""
     root = tmp_path_factory.mktemp("syn")
     write_synthetic_sweep(str(root / "sweep"), runs=64, evals=10)
     assert fit.main(["--sweep", str(root / "sweep"), "--out", str(root / "sur"), "--stages", "5",
-                     "--targets", "target", "--folds", "0"]) == 0
+                     "--targets", "target", "--folds", "0", "--model", "reference"]) == 0
     return str(root / "sur")
 
 
@@ -91,11 +92,12 @@ def test_online_controller_picks_what_the_offline_search_picks(synthetic_surroga
     ctl = RegMixDOnline(controller_args(synthetic_surrogate))
     ctl.setup(trainer)
     assert ctl.switches == [80, 160, 240, 320]  # grid 0.2..0.8 of 50 iterations × 8 samples
-    # observe exactly the loss the offline rollout starts its first search from (the proxies' mean at t_1)
-    observed = sur.meta["initial_loss"]["target"]
-    decision = ctl.search(trainer, {"target": observed, "losses": {}}, 1)
     cfg = SearchConfig(stages=5, target_tokens=50 * 8 * 64, top_k=16, seed=3, candidates=3000)
     offline = search.rollout(sur, cfg, prior, np.full(3, np.inf))
+    # observe exactly the loss the offline rollout starts its first search from (the proxies' mean at t_1)
+    observed = sur.meta["initial_loss"]["target"]
+    assert offline.predicted[0] == pytest.approx(observed, abs=1e-12)
+    decision = ctl.search(trainer, {"target": observed, "losses": {}}, 1)
     assert [decision["weights"][d] for d in SYN_DOMAINS] == pytest.approx(offline.weights[1], abs=1e-12)
     assert decision["predicted_loss"] == pytest.approx(offline.predicted[1], abs=1e-12)
     # a different observed loss conditions the surrogate: a different state, a different prediction

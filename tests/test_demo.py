@@ -1,4 +1,4 @@
-"""The demo pipeline at micro size: fixture corpus → 4 proxies → collect → tools.compare (fit, search,
+"""The demo pipeline at micro size: fixture corpus → 8 proxies → collect → tools.compare (fit, search,
 two target arms through the launcher) → tools.report, with a comparison killed mid-run and resumed."""
 import json
 import os
@@ -50,7 +50,7 @@ def sweep(tmp_path_factory):
     make_domains(str(root / "tok"), n_docs=120, valid_docs=24, vocab_size=256)
     (root / "proxy.yaml").write_text(MODEL)
     sweep = root / "sweep"
-    cli("tools.sweep", "sample", sweep, "--tokens", root / "tok" / "tokens.json", "--n", 4)
+    cli("tools.sweep", "sample", sweep, "--tokens", root / "tok" / "tokens.json", "--n", 8)
     cli("tools.sweep", "run", sweep, "--config", root / "proxy.yaml", "--jobs", 2, "--retries", 0,
         "--train-iters", 6, "--eval-interval", 2)
     cli("tools.collect", sweep)
@@ -128,9 +128,9 @@ def test_regmix_static_fit_and_bad_input(sweep, tmp_path):
     args[args.index("natural,regmixd_offline,regmixd_online")] = "regmix,doremi"
     args[args.index("--seeds") + 1] = "1"
     budgets = args.index("--candidates")
-    args[budgets:budgets] = ["--budgets", "50,100", "--schedules-only"]
+    args[budgets:budgets] = ["--budgets", "75,100", "--schedules-only"]
     cli("tools.compare", *args)
-    for budget, proxies in (("50", 2), ("100", 4)):
+    for budget, proxies in (("75", 6), ("100", 8)):
         sched = json.loads((out / "schedules" / f"regmix_b{budget}" / "sched.json").read_text())
         assert len(sched["stages"]) == 1 and sched["provenance"]["proxies"] == proxies
         losses = (out / "schedules" / f"regmix_b{budget}" / "losses_static.csv").read_text().splitlines()

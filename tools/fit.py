@@ -70,6 +70,9 @@ def fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-data-in-leaf", type=int, default=20)
     p.add_argument("--seed", type=int, default=42, help="LightGBM seed (RegMix: 42)")
     p.add_argument("--threads", type=int, default=1, help="LightGBM num_threads")
+    p.add_argument("--proxy-params", type=int,
+                   help="trajectory: the proxies' non-embedding parameters, recorded for the online controller's "
+                        "loss scaling (default: from the sweep's runner.json when it has one)")
     p.add_argument("--no-plot", action="store_true", help="skip the predicted-vs-observed PNG")
     return p
 
@@ -96,7 +99,9 @@ def cmd_fit(args) -> int:
         table = trajectory_table(args.sweep, args.stages, feats, targets or None, grid=grid, model=args.model)
         objective = "target" if "target" in table.targets else table.targets[0]
         source = {"sweep": os.path.abspath(args.sweep)}
-        extra = {"proxy_nonembedding_params": proxy_nonembedding_params(args.sweep)}
+        if args.proxy_params is not None and args.proxy_params <= 0:
+            raise UserError("--proxy-params must be positive")
+        extra = {"proxy_nonembedding_params": args.proxy_params or proxy_nonembedding_params(args.sweep)}
     elif args.mixtures and args.losses:
         if not args.target:
             raise UserError("--target COLUMN is required with --mixtures/--losses")
