@@ -13,7 +13,8 @@ Layout under --out: `compare.json` (settings), `schedules/<label>/` (proxy table
 sched.json), `runs/<label>/seed<S>/` (the launcher's --save: trajectory.jsonl, train_log.jsonl,
 checkpoint, `log.txt`, `done` once complete, and tools.heldout's `heldout.json`). A label is the
 arm, with `_b<B>` for a budget.
-Re-running skips every finished schedule and run; a killed run resumes from its checkpoint if it
+Runs go seed by seed (every arm's first seed before any arm's second), so a comparison stopped
+part-way holds complete seeds. Re-running skips every finished schedule and run; a killed run resumes from its checkpoint if it
 has one, else starts over: a kill loses at most the run in progress. `tools.report` reads the result.
 """
 import argparse
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
             plan += [(label, folder, arm, seed) for seed in seeds]
     if args.schedules_only:
         return 0
+    plan.sort(key=lambda item: seeds.index(item[3]))   # seed by seed: a stopped comparison holds whole seeds
     expected = ctx.expected_evals
     threads = str(max(1, len(os.sched_getaffinity(0)) // args.jobs))
 
