@@ -53,23 +53,33 @@ def blend_stage(dataset_index: np.ndarray, dataset_sample_index: np.ndarray, wei
     length = dataset_index.shape[0]
     helpers.build_blending_indices(dataset_index, dataset_sample_index,
                                    megatron_normalize(weights[active]), len(active), length, False)
-    counts = np.zeros(len(weights), dtype=np.int64)
-    identity = len(active) == len(weights)
-    shift = not identity or np.any(offsets[active] != 0)
-    lut = active.astype(np.int16)
-    for a in range(0, length, _CHUNK):
-        local = dataset_index[a:a + _CHUNK]
-        counts[active] += np.bincount(local, minlength=len(active))
-        if shift:
+    if len(active) < len(weights) or np.any(offsets[active] != 0):
+        lut = active.astype(np.int16)
+        for a in range(0, length, _CHUNK):
+            local = dataset_index[a:a + _CHUNK]
             local[:] = lut[local]
             dataset_sample_index[a:a + _CHUNK] += offsets[local]
-    return counts
+    return stage_counts(dataset_index, dataset_sample_index, weights, offsets)
 
 
-def _count(dataset_index: np.ndarray, n_domains: int) -> np.ndarray:
-    counts = np.zeros(n_domains, dtype=np.int64)
-    for a in range(0, dataset_index.shape[0], _CHUNK):
-        counts += np.bincount(dataset_index[a:a + _CHUNK], minlength=n_domains)
+def stage_counts(dataset_index: np.ndarray, dataset_sample_index: np.ndarray, weights: Sequence[float],
+                 offsets: np.ndarray) -> np.ndarray:
+    """Samples each domain has in a slice blended with `weights`, domain d counting on from `offsets[d]`.
+
+    The greedy numbers a domain's samples consecutively, so its count is its last sample index + 1 -
+    offset: found by scanning back from the end in doubling windows until every domain with a
+    weight was seen (about 1 / smallest weight samples), not by a pass over the whole slice."""
+    counts = np.zeros(len(offsets), dtype=np.int64)
+    unseen = np.asarray(weights) > 0
+    end, window = dataset_index.shape[0], 4096
+    while end > 0 and unseen.any():
+        begin = max(0, end - window)
+        ids, last = np.unique(dataset_index[begin:end][::-1], return_index=True)
+        new = unseen[ids]
+        ids, at = ids[new], end - 1 - last[new]
+        counts[ids] = dataset_sample_index[at] + 1 - offsets[ids]
+        unseen[ids] = False
+        end, window = begin, window * 2
     return counts
 
 
@@ -163,7 +173,9 @@ class ScheduledBlendedDataset(torch.utils.data.Dataset):
             raise ScheduleError(f"append_stage: start {start_sample} must lie after the last stage's start "
                                 f"{self._starts[-1]} and before the end of training {self.train_samples}")
         last = len(self._starts) - 1
-        self._counts[last] = _count(self.dataset_index[self._starts[last]:start_sample], len(self._domains))
+        a = self._starts[last]
+        self._counts[last] = stage_counts(self.dataset_index[a:start_sample], self.dataset_sample_index[a:start_sample],
+                                          self._weights[last], self._counts[:last].sum(axis=0))
         self._starts = self._starts + [int(start_sample)]
         self._weights = self._weights + [vector]
         self._counts = np.vstack([self._counts, np.zeros(len(self._domains), dtype=np.int64)])

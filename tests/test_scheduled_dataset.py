@@ -144,6 +144,17 @@ def test_realized_share_per_stage(k):
         assert ds.weights_at(a) == pytest.approx(dict(zip(ds.domains, share)))
 
 
+def test_counts_of_sparse_domains_match_the_arrays():
+    """Counts come from a backward scan that stops once every weighted domain was seen: domains drawn
+    a few times in a long stage (far from its end) or a cut stage still get their exact counts."""
+    ds = fake([0, 30_000], [[1, 1, 1e-3, 1e-6, 0], [0, 1, 2e-4, 1, 1]], 60_000)
+    ds.append_stage(45_000, [1, 0, 1e-5, 1, 0])
+    starts = ds.stage_starts
+    for s, (a, b) in enumerate(zip(starts, starts[1:] + [len(ds)])):
+        assert np.array_equal(ds.realized_counts()[s], np.bincount(ds.dataset_index[a:b], minlength=5)), s
+    assert 0 < ds.realized_counts()[:, 2].min() <= 2  # domain 2 is sparse in every stage
+
+
 # --------------------------------------------------------------------------- no repeats
 def one_epoch(gpt) -> int:
     return (int(gpt.dataset.sequence_lengths.sum()) - 1) // SEQ
