@@ -1,14 +1,16 @@
 """Fit and search timings, plus the reference method against our extensions on the synthetic generator.
 
-  .venv/bin/python benchmarks/bench_fit_search.py [--runs 512] [--candidates 1000000] [--threads 2]
+  .venv/bin/python benchmarks/bench_fit_search.py [--runs 512] [--candidates 250000] [--threads 2]
+      [--parts fit,search[,cv,methods]]
 
 1. fit: a synthetic sweep of R runs × 10 evaluations × 12 domains (13 targets: the target metric and each
    domain's loss), trajectory mode on 10 stages (9 transitions per run), LightGBM (RegMix settings) + ridge
-   for every target; then the 5-fold grouped CV on the same table.
+   for every target; `cv` adds the 5-fold grouped CV on the same table.
 2. search: 8 searched stages × C candidates per stage (12 domains; an 8-stage first-drop surrogate
-   on R runs × 8 evaluations, so that stage 0 is searched too).
-3. methods: true generator loss of the schedules searched by the reference mode and by the extensions,
-   beside the generator's best static mixture (exhaustive grid) and the prior.
+   on R runs × 8 evaluations, so that stage 0 is searched too), once with compiled prediction (lleaves) and
+   once with LightGBM's own, side by side in one run (order L C C L, best of each); ends with the ratio line.
+3. methods (opt-in): true generator loss of the schedules searched by the reference mode and by the
+   extensions, beside the generator's best static mixture (exhaustive grid) and the prior.
 """
 import argparse
 import os
@@ -24,7 +26,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from test_fit import synthetic_losses, write_synthetic_sweep  # noqa: E402  (the tests' known generator)
-from megatron_ext.mixture_search import SearchConfig  # noqa: E402
+from megatron_ext.mixture_search import SearchConfig, dirichlet  # noqa: E402
+from megatron_ext.surrogate import Surrogate  # noqa: E402
 from tools.search import rollout  # noqa: E402
 from tools.surrogate import (FitConfig, LGBMSettings, TrajectoryFeatures, cross_validate, fit_surrogate,  # noqa: E402
                              trajectory_table)
@@ -59,21 +62,76 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
               flush=True)
 
 
-def bench_search(folder: str, runs: int, candidates: int, threads: int) -> None:
-    write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
-    table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
-    surrogate = fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"})
-    surrogate.threads = threads
-    prior = np.full(len(table.domains), 1 / len(table.domains))
-    cfg = SearchConfig(stages=8, target_tokens=1e9, top_k=100, seed=0, candidates=candidates)
+def bench_search(folder: str, surrogate: str | None, runs: int, candidates: int, threads: int) -> float:
+    """The search with compiled and with LightGBM prediction on one surrogate (fitted here unless given);
+    returns the ratio of their prediction rates (candidates/s)."""
+    if surrogate is None:
+        write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
+        table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
+        surrogate = os.path.join(folder, "sur")
+        fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"}).save(surrogate)
+    lightgbm, compiled = (Surrogate.load(surrogate) for _ in range(2))
+    objective, domains = compiled.meta["objective"], compiled.domains
+    compiled.compiled = {}  # compile here even where a cache exists, to time it
+    lightgbm.compiled = dict.fromkeys(lightgbm.model_files())  # None: LightGBM predicts
+    lightgbm.threads = compiled.threads = threads
     took = {}
     with timed(took):
-        result = rollout(surrogate, cfg, prior, np.full(len(prior), np.inf))
-    stages = sum(result.searched)
-    print(f"search: {candidates} candidates x {stages} searched stages x {len(prior)} domains: "
-          f"{took['wall']:.1f} s wall ({took['wall'] / stages:.1f} s per stage, "
-          f"{candidates * stages / took['wall']:,.0f} candidates/s), {took['cpu']:.1f} s CPU, {threads} thread(s)",
-          flush=True)
+        compiled.compile()
+    trees = sum(lightgbm.meta["trees"].values())
+    print(f"compile: {len(compiled.compiled)} models, {trees} trees: {took['wall']:.1f} s wall, {took['cpu']:.1f} s CPU "
+          f"(cached beside the models; a later load takes them)", flush=True)
+
+    # prediction alone: one later stage's candidates
+    W = dirichlet(np.random.default_rng(0), np.ones(len(domains)), min(candidates, 100_000))
+    progress = compiled.stage_starts[len(compiled.stage_starts) // 2]
+    query = dict(progress=progress, W=W, history=W.mean(0), state=compiled.meta["initial_loss"][objective])
+    rates, cpu_rates, preds = {}, {}, {}
+    for name, s in (("lightgbm", lightgbm), ("compiled", compiled), ("compiled", compiled), ("lightgbm", lightgbm)):
+        with timed(took):
+            preds[name] = s.predict_next(objective, **query)
+        rates[name] = max(rates.get(name, 0.0), len(W) / took["wall"])
+        cpu_rates[name] = max(cpu_rates.get(name, 0.0), len(W) / took["cpu"])
+    diff = np.abs(preds["compiled"] - preds["lightgbm"]).max()
+    k = 100
+    same = set(np.argsort(preds["compiled"], kind="stable")[:k]) == set(np.argsort(preds["lightgbm"], kind="stable")[:k])
+    print(f"predict {len(W)} candidates at progress {progress:.3g}, {threads} thread(s): LightGBM {rates['lightgbm']:,.0f}/s, compiled "
+          f"{rates['compiled']:,.0f}/s, ratio {rates['compiled'] / rates['lightgbm']:.2f} (per CPU-second "
+          f"{cpu_rates['compiled'] / cpu_rates['lightgbm']:.2f}); max abs difference "
+          f"{diff:.3g}, top-{k} identical: {same}", flush=True)
+
+    prior = np.full(len(domains), 1 / len(domains))
+    cfg = SearchConfig(stages=compiled.stages, target_tokens=1e9, top_k=100, seed=0, candidates=candidates)
+    best, results = {}, {}
+    predict_compiled, in_predict = compiled._lgbm, [0.0]
+
+    def timed_predict(name, X):  # the compiled search's time in prediction, for the profile line
+        start = time.perf_counter()
+        out = predict_compiled(name, X)
+        in_predict[0] += time.perf_counter() - start
+        return out
+
+    compiled._lgbm = timed_predict
+    for name, s in (("lightgbm", lightgbm), ("compiled", compiled), ("compiled", compiled), ("lightgbm", lightgbm)):
+        in_predict[0] = 0.0
+        with timed(took):
+            results[name] = rollout(s, cfg, prior, np.full(len(prior), np.inf))
+        best[name] = min(best.get(name, (np.inf, 0.0, 0.0)), (took["wall"], took["cpu"], in_predict[0]))
+    stages = sum(results["compiled"].searched)
+    for name in ("lightgbm", "compiled"):
+        wall, cpu, _ = best[name]
+        print(f"search ({name}): {candidates} candidates x {stages} searched stages x {len(prior)} domains: "
+              f"{wall:.1f} s wall ({wall / stages:.2f} s per stage, {candidates * stages / wall:,.0f} candidates/s), "
+              f"{cpu:.1f} s CPU, {threads} thread(s), best of 2", flush=True)
+    weights = np.abs(results["compiled"].weights - results["lightgbm"].weights).max()
+    predicted = np.abs(np.subtract(results["compiled"].predicted, results["lightgbm"].predicted)).max()
+    print(f"searched schedules: weights differ by {weights:.3g}, predicted losses by {predicted:.3g} "
+          f"(same top-k: {weights <= 1e-12})")
+    wall, _, predicting = best["compiled"]
+    print(f"search candidates/s ratio compiled/LightGBM: {best['lightgbm'][0] / wall:.2f}; the compiled search spends "
+          f"{predicting:.2f} s of {wall:.2f} s in the compiled models, the rest in Dirichlet draws, caps, feature "
+          f"encoding, the ridge part and top-k")
+    return rates["compiled"] / rates["lightgbm"]
 
 
 def bench_methods(folder: str, candidates: int, threads: int) -> None:
@@ -108,20 +166,22 @@ def bench_methods(folder: str, candidates: int, threads: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=512)
-    p.add_argument("--candidates", type=int, default=1_000_000)
+    p.add_argument("--candidates", type=int, default=250_000)
     p.add_argument("--method-candidates", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: fit,cv,search,methods")
+    p.add_argument("--surrogate", help="search part: time this surrogate folder instead of fitting one (R runs)")
+    p.add_argument("--parts", default="fit,search", help="comma-separated parts to run: fit,cv,search,methods")
     args = p.parse_args()
-    skip = set(args.skip.split(","))
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         sweep = os.path.join(tmp, "fit")
-        if "fit" not in skip:
-            bench_fit(sweep, args.runs, args.threads, cv="cv" not in skip)
-        if "search" not in skip:
-            bench_search(os.path.join(tmp, "search"), args.runs, args.candidates, args.threads)
-        if "methods" not in skip:
+        if "fit" in parts:
+            bench_fit(sweep, args.runs, args.threads, cv="cv" in parts)
+        if "methods" in parts:
             bench_methods(os.path.join(tmp, "small"), args.method_candidates, args.threads)
+        if "search" in parts:
+            ratio = bench_search(os.path.join(tmp, "search"), args.surrogate, args.runs, args.candidates, args.threads)
+            print(f"compiled/LightGBM candidates/s ratio: {ratio:.2f} (target >= 10)")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,13 @@ Fitting and cross-validation live in `tools.surrogate`.
 import hashlib
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatron_ext.atomic import atomic_write
+from megatron_ext.atomic import atomic_path, atomic_write
 from megatron_ext.errors import UserError
 
 
@@ -129,6 +131,127 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------- compiled prediction
+
+COMPILED = "compiled"           # the surrogate folder's subfolder of lleaves objects (one per model file and host)
+# lleaves' defaults without inlining: about 10x LightGBM's predict for ~15 CPU-s of compiling per 1000-tree model
+# (inlining compiles for many minutes); trees are summed in blocks of 34, so sums differ from LightGBM's in the
+# last bits (1e-14), while one block (bit-identical) is only ~3x
+LLEAVES_OPTIONS = {"finline": False, "fblocksize": 34}
+COMPILE_AFTER_ROWS = 250_000    # LightGBM rows of one model after which compiling it pays off (ski rental)
+PROBE_ROWS = 256                # rows checked against LightGBM before a compiled model is used
+PROBE_TOLERANCE = 1e-9
+
+
+def compile_host() -> dict | None:
+    """What a compiled object depends on besides its model (versions, target, CPU); None without lleaves."""
+    try:
+        from importlib.metadata import version
+
+        import llvmlite.binding as llvm
+        llvm.initialize()
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:
+            features = ""
+        return {"lleaves": version("lleaves"), "llvmlite": version("llvmlite"), "triple": llvm.get_process_triple(),
+                "cpu": llvm.get_host_cpu_name(), "features": features, "options": LLEAVES_OPTIONS}
+    except ImportError:
+        return None
+
+
+def probe_rows(model_file: str, n_features: int) -> np.ndarray:
+    """Deterministic rows spread over each feature's training range (the model file's `feature_infos`)."""
+    ranges = []
+    with open(model_file) as f:
+        for line in f:
+            if line.startswith("feature_infos="):
+                ranges = line.split("=", 1)[1].split()
+            if line.startswith("Tree="):
+                break
+    rng = np.random.default_rng(0)
+    X = np.zeros((PROBE_ROWS, n_features))
+    for j, info in enumerate(ranges[:n_features]):
+        if info.startswith("[") and ":" in info:
+            lo, hi = (float(v) for v in info[1:-1].split(":"))
+            X[:, j] = rng.uniform(lo, hi, PROBE_ROWS)
+    return X
+
+
+class CompiledModel:
+    """One LightGBM model file as lleaves machine code for this host, cached in `folder/compiled/` under a key of
+    the model's sha256 and `compile_host()`. A model is used only if its object's sha256 matches its record and
+    its predictions match LightGBM's within PROBE_TOLERANCE on probe rows; otherwise LightGBM predicts."""
+
+    def __init__(self, model, path: str):
+        self.model, self.path = model, path
+
+    def predict(self, X: np.ndarray, threads: int) -> np.ndarray:
+        return self.model.predict(X, n_jobs=threads)
+
+    @staticmethod
+    def cache_paths(folder: str, name: str, model_sha256: str, host: dict) -> tuple[str, str, str]:
+        """(object, record, key) for model file `name`: one object per model and host, side by side."""
+        key = hashlib.sha256(json.dumps({"model": model_sha256, **host}, sort_keys=True).encode()).hexdigest()
+        stem = os.path.join(folder, COMPILED, f"{os.path.splitext(name)[0]}.{key[:16]}")
+        return stem + ".o", stem + ".json", key
+
+    @classmethod
+    def load(cls, folder: str, name: str, model_sha256: str, booster, host: dict) -> "CompiledModel | None":
+        """The cached object, or None: absent (silently), or stale or damaged (with a note)."""
+        obj, record, key = cls.cache_paths(folder, name, model_sha256, host)
+        if not os.path.isfile(record):
+            return None
+        try:
+            with open(record) as f:
+                info = json.load(f)
+            ok = info["key"] == key and os.path.isfile(obj) and sha256_file(obj) == info["object_sha256"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            print(f"note: {obj}: the compiled model does not match its record {record}; LightGBM predicts",
+                  file=sys.stderr)
+            return None
+        return cls.checked(cls.lleaves(os.path.join(folder, name), obj), obj, os.path.join(folder, name), booster)
+
+    @classmethod
+    def build(cls, folder: str, name: str, model_sha256: str, booster, host: dict) -> "CompiledModel | None":
+        """Compile the model file and cache the object (kept in memory only when the folder is read-only)."""
+        obj, record, key = cls.cache_paths(folder, name, model_sha256, host)
+        source = os.path.join(folder, name)
+        try:
+            with atomic_path(obj, suffix=".o") as tmp:
+                os.unlink(tmp)  # lleaves writes its object only to a path where no file exists
+                model = cls.lleaves(source, tmp)
+                digest = sha256_file(tmp)
+            atomic_write(record, json.dumps({"key": key, "object_sha256": digest, "model": name, "host": host},
+                                            indent=1))
+        except UserError as exc:
+            print(f"note: {exc}; the compiled model is not cached", file=sys.stderr)
+            model, obj = cls.lleaves(source, None), source
+        return cls.checked(model, obj, source, booster)
+
+    @staticmethod
+    def lleaves(model_file: str, cache: str | None):
+        import lleaves
+        model = lleaves.Model(model_file=model_file)
+        model.compile(cache=cache, **LLEAVES_OPTIONS)
+        return model
+
+    @classmethod
+    def checked(cls, model, path: str, model_file: str, booster) -> "CompiledModel | None":
+        """The model if it predicts LightGBM's values on probe rows, else None (with a note)."""
+        X = probe_rows(model_file, booster.num_feature())
+        diff = np.abs(model.predict(X, n_jobs=1) - booster.predict(X, num_threads=1)).max()
+        if not diff <= PROBE_TOLERANCE:
+            print(f"note: {path}: compiled predictions differ from LightGBM's by {diff:.3g}; LightGBM predicts",
+                  file=sys.stderr)
+            return None
+        return cls(model, path)
+
+
 class Surrogate:
     """Fitted models per target plus the metadata the search needs (domains, grid, features, prior data).
 
@@ -147,7 +270,10 @@ class Surrogate:
                  first_ridges: dict | None = None):
         self.meta, self.boosters, self.ridges = meta, boosters, ridges
         self.first_boosters, self.first_ridges = first_boosters or {}, first_ridges or {}
-        self.threads = 1  # LightGBM prediction threads (the search raises it)
+        self.threads = 1  # prediction threads (the search raises it)
+        self.folder = None  # where the model files are (set by save/load): compiled models are cached there
+        self.compiled = {}  # {model file: CompiledModel, or None where compiling failed or is unavailable}
+        self.lightgbm_rows = {}  # {model file: rows LightGBM predicted} (compiling pays off after COMPILE_AFTER_ROWS)
 
     @property
     def model(self) -> str:
@@ -182,8 +308,46 @@ class Surrogate:
     def encode(self, progress, W: np.ndarray, history: np.ndarray | None) -> np.ndarray:
         return encode_features(self.common_features, self.domains, progress, W, history)
 
-    def _lgbm(self, booster, X: np.ndarray) -> np.ndarray:
-        return booster.predict(X, num_threads=self.threads)
+    def model_file(self, target: str, first: bool = False) -> str:
+        return f"{'first' if first else 'lgbm'}_{self.targets.index(target):02d}.txt"
+
+    def model_files(self) -> dict:
+        """{file name: LightGBM booster} in target order."""
+        files = {}
+        for target in self.targets:
+            files[self.model_file(target)] = self.boosters[target]
+            if self.first_boosters:
+                files[self.model_file(target, first=True)] = self.first_boosters[target]
+        return files
+
+    def compile(self, names=None) -> dict:
+        """Compile the model files `names` (default: all) for this host and cache them in the folder;
+        {name: seconds} of those compiled now. Without lleaves or a folder (unsaved), LightGBM keeps predicting."""
+        host = compile_host()
+        files, took = self.model_files(), {}
+        for name in names or files:
+            if name in self.compiled:
+                continue
+            if host is None or self.folder is None:
+                self.compiled[name] = None
+                continue
+            start = time.perf_counter()
+            self.compiled[name] = CompiledModel.build(self.folder, name, self.meta["files_sha256"][name], files[name],
+                                                      host)
+            took[name] = time.perf_counter() - start
+        return took
+
+    def _lgbm(self, name: str, X: np.ndarray) -> np.ndarray:
+        """Model file `name`'s prediction: compiled where it is, compiled on the call that takes LightGBM's rows
+        for it past COMPILE_AFTER_ROWS (a search of that size pays the compile back), else LightGBM's."""
+        if name not in self.compiled:
+            self.lightgbm_rows[name] = self.lightgbm_rows.get(name, 0) + len(X)
+            if self.lightgbm_rows[name] >= COMPILE_AFTER_ROWS:
+                self.compile([name])
+        compiled = self.compiled.get(name)
+        if compiled is not None:
+            return compiled.predict(X, self.threads)
+        return self.model_files()[name].predict(X, num_threads=self.threads)
 
     def predict(self, target: str, X: np.ndarray, state=None, kind: str = "lgbm") -> np.ndarray:
         """X: common features [n, F]; state: the target's loss at the start ([n] or a scalar; NaN: unknown).
@@ -200,16 +364,16 @@ class Surrogate:
             if (~first).any():
                 rows = Xs[~first]
                 out[~first] = state[~first] + self.ridges[target].predict(rows) + (
-                    self._lgbm(self.boosters[target], rows) if kind == "lgbm" else 0.0)
+                    self._lgbm(self.model_file(target), rows) if kind == "lgbm" else 0.0)
             if first.any():
                 rows = X[first]
                 out[first] = self.first_ridges[target].predict(rows) + (
-                    self._lgbm(self.first_boosters[target], rows) if kind == "lgbm" else 0.0)
+                    self._lgbm(self.model_file(target, first=True), rows) if kind == "lgbm" else 0.0)
             return out
         if self.meta["has_state"]:
             state = np.broadcast_to(np.asarray(state, float).reshape(-1), (len(X),))
             X = np.hstack([X, state[:, None]])
-        out = self._lgbm(self.boosters[target], X) if kind == "lgbm" else self.ridges[target].predict(X)
+        out = self._lgbm(self.model_file(target), X) if kind == "lgbm" else self.ridges[target].predict(X)
         return out + state if self.meta.get("predict_drop") else out
 
     def predict_next(self, target: str, progress: float, W: np.ndarray, history: np.ndarray | None,
@@ -244,20 +408,12 @@ class Surrogate:
 
     # ------------------------------------------------------------ files
 
-    def _model_strings(self) -> dict:
-        """{file name: LightGBM model text} in target order."""
-        files = {}
-        for i, target in enumerate(self.targets):
-            files[f"lgbm_{i:02d}.txt"] = self.boosters[target].model_to_string()
-            if self.first_boosters:
-                files[f"first_{i:02d}.txt"] = self.first_boosters[target].model_to_string()
-        return files
-
     def save(self, out: str) -> None:
         """Models first, meta.json last (its presence marks a complete surrogate); every file atomically.
         meta.json records each model file's sha256 and tree count, checked by `load`."""
         os.makedirs(out, exist_ok=True)
-        files = self._model_strings()
+        boosters = self.model_files()
+        files = {name: b.model_to_string() for name, b in boosters.items()}
         ridge_files = {"ridge.json": self.ridges}
         if self.first_ridges:
             ridge_files["first_ridge.json"] = self.first_ridges
@@ -265,15 +421,12 @@ class Surrogate:
             atomic_write(os.path.join(out, name), text)
         for name, ridges in ridge_files.items():
             atomic_write(os.path.join(out, name), json.dumps({t: asdict(r) for t, r in ridges.items()}, indent=1))
-        boosters = {**{f"lgbm_{i:02d}.txt": self.boosters[t] for i, t in enumerate(self.targets)},
-                    **{f"first_{i:02d}.txt": self.first_boosters[t] for i, t in enumerate(self.targets)
-                       if self.first_boosters}}
         meta = dict(self.meta, model_files=[n for n in files if n.startswith("lgbm_")],
                     first_model_files=[n for n in files if n.startswith("first_")],
                     trees={n: boosters[n].num_trees() for n in files},
                     files_sha256={n: sha256_file(os.path.join(out, n)) for n in [*files, *ridge_files]})
         atomic_write(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
-        self.meta = meta
+        self.meta, self.folder, self.compiled = meta, out, {}
 
     @classmethod
     def load(cls, folder: str) -> "Surrogate":
@@ -331,4 +484,10 @@ class Surrogate:
                         {t: booster(n) for t, n in zip(targets, meta.get("first_model_files", []))},
                         ridges("first_ridge.json") if "first_ridge.json" in sums else None)
         surrogate.meta["sha256"] = sha256_files([meta_path] + [os.path.join(folder, n) for n in sorted(sums)])
+        surrogate.folder = folder
+        host = compile_host()
+        for name, b in surrogate.model_files().items() if host else ():
+            compiled = CompiledModel.load(folder, name, sums[name], b, host)
+            if compiled is not None:
+                surrogate.compiled[name] = compiled
         return surrogate
