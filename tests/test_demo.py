@@ -130,7 +130,7 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
         assert got["held-out source loss (held)"]["mean"] == pytest.approx(held["loss"], abs=1e-12)
         assert 0 < held["loss"] < 2 * np.log(257)
     # the unigram baseline is a cross-entropy of the fixture's Zipf bands: below ln(vocab), above 0
-    assert all(0 < v < np.log(257) for v in summary["unigram"].values())
+    assert all(0 < summary["unigram"][d] < np.log(257) for d in summary["domains"])
     index = (tmp_path / "report" / "index.md").read_text()
     assert "| regmixd_online_b100 |" in index
     verdict = [l for l in report.stdout.splitlines() if l.startswith("mean over domains: lowest")]
@@ -138,7 +138,8 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
     verdict = [l for l in report.stdout.splitlines() if l.startswith("held-out source loss (held): lowest")]
     assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
     assert "held-out source loss (held) |" in index and "no arm optimizes it" in index
-    assert 0 < summary["unigram"]["held"] < np.log(257)
+    # the eval-only set's tokens are flat within a band: the pooled Zipf unigram fits it worst
+    assert max(summary["unigram"][d] for d in summary["domains"]) < summary["unigram"]["held"] < 2 * np.log(257)
     for png in ("domain_losses.png", "training.png", "schedules.png", "predicted_vs_observed.png", "proxies.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 
