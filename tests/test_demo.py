@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from fixtures import make_domains
 
@@ -45,9 +46,10 @@ def cli(module, *args, check=True):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """4 collected proxies of 6 iterations on the 3-domain fixture corpus, evaluated every 2 (3 stages)."""
+    """4 collected proxies of 6 iterations on the 3-domain fixture corpus (plus the eval-only set `held`),
+    evaluated every 2 (3 stages)."""
     root = tmp_path_factory.mktemp("demo")
-    make_domains(str(root / "tok"), n_docs=120, valid_docs=24, vocab_size=256)
+    make_domains(str(root / "tok"), n_docs=120, valid_docs=24, vocab_size=256, eval_only=("held",))
     (root / "proxy.yaml").write_text(MODEL)
     sweep = root / "sweep"
     cli("tools.sweep", "sample", sweep, "--tokens", root / "tok" / "tokens.json", "--n", 8)
@@ -83,8 +85,15 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
     assert "(1/3) natural seed 3: done, skipped" in resumed
     assert "(2/3) regmixd_offline_b100 seed 3: training" in resumed
     assert "(3/3) regmixd_online_b100 seed 3: training" in resumed
+    # a heldout.json from before tokens.json had the eval-only set is redone, nothing retrained
+    stale = out / "runs" / "natural" / "seed3" / "heldout.json"
+    full = json.loads(stale.read_text())
+    stale.write_text(json.dumps({k: v for k, v in full.items() if k != "eval_only"}))
     again = cli("tools.compare", *compare_args(sweep, out)).stdout
     assert "training" not in again and again.count("done, skipped") == 3 + 3   # 3 schedules, 3 runs
+    assert again.count("-m tools.heldout") == 1 and "held (evaluation only): loss" in again
+    assert json.loads(stale.read_text())["eval_only"]["held"]["loss"] == pytest.approx(
+        full["eval_only"]["held"]["loss"], abs=1e-5)
     # the online arm: the controller decided every switch point of the surrogate's 3-stage grid
     online = [json.loads(l) for l in
               (out / "runs" / "regmixd_online_b100" / "seed3" / "trajectory.jsonl").read_text().splitlines()]
@@ -96,6 +105,11 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
     sched = json.loads((out / "schedules" / "regmixd_offline_b100" / "sched.json").read_text())
     assert len(sched["stages"]) == 3
     assert sched["provenance"]["target_tokens"] == 8 * 8 * 64
+    # the eval-only set is never trained on: in no sampled mixture, schedule or launcher evaluation set
+    assert sorted({r.split(",")[3] for r in (sweep / "sweep" / "mixtures.csv").read_text().splitlines()[1:]}) == \
+        ["books", "code", "web"]
+    for label in ("natural", "regmixd_offline_b100", "regmixd_online_b100"):
+        assert "held_valid" not in (out / "runs" / label / "seed3" / "sched.json").read_text()
 
     report = cli("tools.report", "--compare", out, "--out", tmp_path / "report")
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
@@ -110,12 +124,22 @@ def test_compare_killed_resumed_then_reported(sweep, tmp_path):
         heldout = json.loads((out / "runs" / label / "seed3" / "heldout.json").read_text())
         assert got["top-1 token accuracy"]["mean"] == pytest.approx(heldout["mean_token_accuracy"], abs=1e-12)
         assert 0 <= heldout["mean_token_accuracy"] <= 1 and set(heldout["token_accuracy"]) == set(final)
+        held = heldout["eval_only"]["held"]   # all its windows of 64 + 1 tokens (fewer than 256)
+        tokens = json.loads((sweep / "tok" / "tokens.json").read_text())["eval_only"]["held"]["valid_tokens"]
+        assert held["tokens"] == (tokens - 1) // 64 * 64 and 0 <= held["token_accuracy"] <= 1
+        assert got["held-out source loss (held)"]["mean"] == pytest.approx(held["loss"], abs=1e-12)
+        assert 0 < held["loss"] < 2 * np.log(257)
     # the unigram baseline is a cross-entropy of the fixture's Zipf bands: below ln(vocab), above 0
-    assert all(0 < v < np.log(257) for v in summary["unigram"].values())
+    assert all(0 < summary["unigram"][d] < np.log(257) for d in summary["domains"])
     index = (tmp_path / "report" / "index.md").read_text()
     assert "| regmixd_online_b100 |" in index
     verdict = [l for l in report.stdout.splitlines() if l.startswith("mean over domains: lowest")]
     assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
+    verdict = [l for l in report.stdout.splitlines() if l.startswith("held-out source loss (held): lowest")]
+    assert len(verdict) == 1 and "not called: 1 seed" in verdict[0]
+    assert "held-out source loss (held) |" in index and "no arm optimizes it" in index
+    # the eval-only set's tokens are flat within a band: the pooled Zipf unigram fits it worst
+    assert max(summary["unigram"][d] for d in summary["domains"]) < summary["unigram"]["held"] < 2 * np.log(257)
     for png in ("domain_losses.png", "training.png", "schedules.png", "predicted_vs_observed.png", "proxies.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
 
@@ -144,3 +168,24 @@ def test_regmix_static_fit_and_bad_input(sweep, tmp_path):
     bad = cli("tools.compare", *args, check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "eval_interval" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_heldout_loss_and_accuracy_match_a_direct_computation():
+    """tools.heldout's windows and scores against numpy, on a bigram model: every token after the first
+    is predicted once, the loss is the mean cross-entropy, a NullTokenizer word is one token."""
+    from tools.heldout import score_windows
+    rng = np.random.default_rng(0)
+    vocab, seq, windows = 50, 8, 19   # 19 windows: two forward batches
+    table = torch.tensor(rng.normal(scale=3.0, size=(vocab, vocab)), dtype=torch.float32)
+    ids = rng.integers(vocab, size=20 * seq + 5)
+    got = score_windows(lambda inputs, position_ids, mask: table[inputs], ids, seq, windows, {"type": "NullTokenizer"})
+    logits = table.numpy().astype(np.float64)[ids[:windows * seq]]
+    labels = ids[1:windows * seq + 1]
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    correct = (logits.argmax(axis=1) == labels).reshape(windows, seq)
+    assert got["tokens"] == windows * seq
+    assert got["loss"] == pytest.approx(-logp[np.arange(len(labels)), labels].mean(), rel=1e-5)
+    assert got["token_accuracy"] == pytest.approx(correct.mean(), abs=1e-12)
+    assert got["word_accuracy"] == pytest.approx(correct[:, 1:-1].mean(), abs=1e-12)   # first, last word left out
+    assert got["words"] == windows * (seq - 2)
+    assert score_windows(None, ids[:seq], seq, windows, {"type": "NullTokenizer"}) is None   # no whole window

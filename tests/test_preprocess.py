@@ -145,6 +145,40 @@ def test_existing_model_domain_subset_and_cli_table(tmp_path, capsys):
         assert a.read() == b.read()
 
 
+def _tree_bytes(root):
+    return {name: open(os.path.join(root, name), "rb").read() for name in sorted(os.listdir(root))}
+
+
+def test_eval_only_set_is_never_trained_on_and_adds_to_an_existing_output(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    make_jsonl_domains(str(raw))
+    out1, _ = run(tmp_path, str(raw), "first")   # tokenized before the corpus had the eval-only set
+    before = _tree_bytes(out1)
+    held = ["An English fortune: the river remembers the morning.", "Ωμέγα and café, a devil's definition."]
+    (raw / "held").mkdir()
+    (raw / "held" / "valid.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+    (raw / "manifest.json").write_text(json.dumps({"domains": {}, "eval_only": {"held": {}}}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, ["--input", str(raw), "--output", out1, "--add-eval-only"])
+    assert exit_info.value.code == 0 and "held (eval only)" in capsys.readouterr().out
+    after = _tree_bytes(out1)
+    assert {k: v for k, v in after.items() if not k.startswith(("held_", "tokens.json"))} == \
+        {k: v for k, v in before.items() if k != "tokens.json"}   # the domains' files untouched
+    tokens = json.loads(after["tokens.json"])
+    assert {k: v for k, v in tokens.items() if k != "eval_only"} == json.loads(before["tokens.json"])
+    assert after["tokens.json"].startswith(before["tokens.json"].rstrip()[:-2])   # the old entries byte for byte
+    tokenizer = build_from_record(tokens["tokenizer"])
+    entry = tokens["eval_only"]["held"]
+    _, docs = read_documents(entry["valid_prefix"])
+    assert docs == [tokenizer.tokenize(t) + [tokenizer.eod] for t in held]
+    assert entry == {"valid_tokens": sum(map(len, docs)), "valid_documents": 2, "valid_prefix": entry["valid_prefix"]}
+    # from scratch with the set present: the same tokenizer (never trained on it), the same eval files
+    out2, result = run(tmp_path, str(raw), "second")
+    fresh = _tree_bytes(out2)
+    assert {k: v for k, v in fresh.items() if k != "tokens.json"} == {k: v for k, v in after.items() if k != "tokens.json"}
+    assert sorted(json.loads(fresh["tokens.json"])["domains"]) == sorted(WORDS) and list(result.eval_stats) == ["held"]
+
+
 def test_null_tokenizer_matches_megatron_convention(tmp_path):
     raw = tmp_path / "raw"
     docs = {"train": ["1 2 3", "4 5", "0"], "valid": ["7 7 7 7"]}
@@ -227,6 +261,8 @@ def test_bad_lines_are_counted_and_reported(tmp_path):
     ("model_not_found", "no such file"),
     ("no_training_text", "no usable text to train SentencePiece"),
     ("output_is_a_file", "--output"),
+    ("add_eval_only_without_tokens_json", "cannot read"),
+    ("add_eval_only_without_eval_set", "lists no eval-only set"),
 ])
 def test_bad_input_is_one_line_error_and_leaves_no_output(tmp_path, capsys, case, message):
     raw = tmp_path / "raw"
@@ -249,6 +285,10 @@ def test_bad_input_is_one_line_error_and_leaves_no_output(tmp_path, capsys, case
         argv += ["--tokenizer-model", str(tmp_path / "missing.model")]
     elif case == "output_is_a_file":
         (tmp_path / "tok").write_text("keep")
+    elif case.startswith("add_eval_only"):
+        argv += ["--add-eval-only"]
+        if case == "add_eval_only_without_tokens_json":
+            (raw / "manifest.json").write_text(json.dumps({"eval_only": {"prose": {}}}))
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, argv)
     err = capsys.readouterr().err

@@ -11,8 +11,8 @@ differs. RegMix and RegMix-D offline are fitted on the same sweep's proxies, onc
 
 Layout under --out: `compare.json` (settings), `schedules/<label>/` (proxy tables, surrogate,
 sched.json), `runs/<label>/seed<S>/` (the launcher's --save: trajectory.jsonl, train_log.jsonl,
-checkpoint, `log.txt`, `done` once complete, and tools.heldout's `heldout.json`). A label is the
-arm, with `_b<B>` for a budget.
+checkpoint, `log.txt`, `done` once complete, and tools.heldout's `heldout.json`, redone when tokens.json
+has an eval-only set it lacks). A label is the arm, with `_b<B>` for a budget.
 Runs go seed by seed (every arm's first seed before any arm's second), so a comparison stopped
 part-way holds complete seeds. Re-running skips every finished schedule and run; a killed run resumes from its checkpoint if it
 has one, else starts over: a kill loses at most the run in progress. `tools.report` reads the result.
@@ -35,7 +35,7 @@ from megatron_ext.checkpoint_files import TRACKER
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.cli import run_main
-from tools.heldout import HELDOUT
+from tools.heldout import is_current as heldout_is_current
 from tools.surrogate import proxy_nonembedding_params
 from tools.sweep import (DONE, LAUNCHER, SCHED, expected_evals, load_tokens, proxy_schedule,
                          free_port, read_json, tokenizer_flags, trajectory_records, write_json)
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
             shutil.copyfile(sched, run_dir_sched)
             argv = base + ["--data-schedule", run_dir_sched, "--seed", str(seed)] + ARMS[arm].launcher_flags(ctx, folder)
             run_target(argv, run_dir, expected, title, threads if args.jobs > 1 else None)
-        if not os.path.exists(os.path.join(run_dir, HELDOUT)):
+        if not heldout_is_current(run_dir, tokens):   # also when tokens.json gained an eval-only set
             python_module("tools.heldout", [run_dir, "--tokens", args.tokens])
 
     with ThreadPoolExecutor(args.jobs) as pool:   # each run is its own process; threads only wait

@@ -3,6 +3,7 @@
     python -m tools.preprocess --input data/raw --output data/tok [--domains web code]
         [--tokenizer-type SentencePieceTokenizer] [--vocab-size 8192] [--tokenizer-model M.model]
         [--vocab-file encoder.json --merge-file vocab.bpe] [--workers N]
+    python -m tools.preprocess --input data/raw --output data/tok --add-eval-only
 
 Reads `<input>/<domain>/{train,valid}.jsonl` (one `{"text": ...}` object a line) and writes
 `<output>/<domain>_{train,valid}_text_document.{bin,idx}` with megatron-core's `IndexedDatasetBuilder`
@@ -12,6 +13,11 @@ preprocess_data.py), the tokenizer files and `<output>/tokens.json` (docs/ARCHIT
 splits. Everything is written under temporary names and renamed only once every domain succeeded.
 Lines that are not UTF-8, not a JSON object, without a `text` string, or with empty text are
 skipped, counted and reported; a split left with no document is an error.
+
+The evaluation-only sets the input's manifest.json lists (tools.corpus: `<input>/<set>/valid.jsonl`,
+no train split) are tokenized with the same tokenizer, never trained on, and recorded under
+tokens.json's "eval_only" key, apart from "domains". `--add-eval-only` adds them to an existing output
+with the tokenizer its tokens.json records, leaving every other file and tokens.json entry as it was.
 """
 import argparse
 import hashlib
@@ -39,6 +45,7 @@ from megatron_ext.errors import UserError  # noqa: E402
 from megatron_ext.tokenizer import (TOKENIZER_TYPES, build_from_record, build_tokenizer,  # noqa: E402
                                     tokenizer_record, train_sentencepiece)
 from tools.cli import run_main  # noqa: E402
+from tools.corpus.build import MANIFEST  # noqa: E402
 
 SPLITS = ("train", "valid")
 CHUNK_LINES = 256
@@ -62,6 +69,7 @@ class PreprocessConfig:
     tokenizer_sample_mb: float = 16.0
     workers: int = 1
     progress: bool = True
+    add_eval_only: bool = False  # only tokenize the eval-only sets into an existing output
 
 
 @dataclass
@@ -78,6 +86,7 @@ class PreprocessResult:
     tokens_json: str
     tokenizer: Dict
     stats: Dict[str, Dict[str, SplitStats]]  # domain → split → stats
+    eval_stats: Dict[str, SplitStats]        # eval-only set → its (valid) stats
     seconds: float
 
 
@@ -104,6 +113,33 @@ def find_domains(input_dir: str, names: Optional[List[str]]) -> List[str]:
             if not os.path.isfile(split_path(input_dir, domain, split)):
                 raise UserError(f"domain {domain}: missing {split_path(input_dir, domain, split)}")
     return domains
+
+
+def eval_only_sets(input_dir: str) -> List[str]:
+    """The evaluation-only sets `<input>/manifest.json` lists (none without a manifest); each needs valid.jsonl."""
+    try:
+        with open(os.path.join(input_dir, MANIFEST)) as f:
+            names = sorted(json.load(f).get("eval_only", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
+    for name in names:
+        if not os.path.isfile(split_path(input_dir, name, "valid")):
+            raise UserError(f"eval-only set {name}: missing {split_path(input_dir, name, 'valid')}")
+    return names
+
+
+def read_tokens_json(output: str) -> Dict:
+    """The tokens.json already in `output` (what --add-eval-only extends)."""
+    path = os.path.join(output, "tokens.json")
+    try:
+        with open(path) as f:
+            tokens = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--add-eval-only: cannot read {path} ({exc.__class__.__name__}): run tools.preprocess "
+                        "without it first") from None
+    if not isinstance(tokens, dict) or not isinstance(tokens.get("tokenizer"), dict):
+        raise UserError(f"--add-eval-only: {path} has no 'tokenizer' entry")
+    return tokens
 
 
 def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
@@ -301,7 +337,8 @@ def tokenize_split(source: str, prefix: str, encoded_chunks, dtype, staging: _St
 
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
-    """Tokenize every domain and split; nothing appears under the final names unless all succeed."""
+    """Tokenize every domain and split and the eval-only sets; nothing appears under the final names
+    unless all succeed. With `add_eval_only`, only the eval-only sets, into the existing tokens.json."""
     start = time.time()
     if cfg.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -311,12 +348,21 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise UserError("--tokenizer-model goes with --tokenizer-type SentencePieceTokenizer")
     if (cfg.vocab_file or cfg.merge_file) and cfg.tokenizer_type != "GPT2BPETokenizer":
         raise UserError("--vocab-file/--merge-file go with --tokenizer-type GPT2BPETokenizer")
-    domains = find_domains(cfg.input, cfg.domains)
-    make_output_dir(cfg.output, "--output")
+    eval_sets = eval_only_sets(cfg.input)
     staging = _Staging()
     pool = None
+    if cfg.add_eval_only:
+        if not eval_sets:
+            raise UserError(f"--add-eval-only: {os.path.join(cfg.input, MANIFEST)} lists no eval-only set")
+        previous, domains = read_tokens_json(cfg.output), []
+    else:
+        previous, domains = None, find_domains(cfg.input, cfg.domains)
+        make_output_dir(cfg.output, "--output")
     try:
-        record, staged_record = stage_tokenizer(cfg, domains, staging)
+        if previous:
+            record = staged_record = previous["tokenizer"]
+        else:
+            record, staged_record = stage_tokenizer(cfg, domains, staging)
         init_worker(staged_record)
         dtype = _worker_dtype
         if cfg.workers > 1:
@@ -324,24 +370,26 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             encoded_chunks = partial(pool.imap, encode_chunk)  # imap keeps the order
         else:
             encoded_chunks = partial(map, encode_chunk)
-        total = sum(os.path.getsize(split_path(cfg.input, d, s)) for d in domains for s in SPLITS)
+        work = [(d, split) for d in domains for split in SPLITS] + [(name, "valid") for name in eval_sets]
+        total = sum(os.path.getsize(split_path(cfg.input, name, split)) for name, split in work)
         stats: Dict[str, Dict[str, SplitStats]] = {}
-        entries = {}
+        entries = {"domains": {}, "eval_only": {}}
         with tqdm(total=total, unit="B", unit_scale=True, disable=None if cfg.progress else True,
                   file=sys.stderr) as bar:
-            for domain in domains:
-                stats[domain], entries[domain] = {}, {}
-                for split in SPLITS:
-                    bar.set_description(f"{domain}/{split}")
-                    prefix = os.path.join(cfg.output, f"{domain}_{split}_text_document")
-                    s = tokenize_split(split_path(cfg.input, domain, split), prefix, encoded_chunks, dtype,
-                                       staging, bar)
-                    stats[domain][split] = s
-                    entries[domain].update({f"{split}_tokens": s.tokens, f"{split}_documents": s.documents,
-                                            f"{split}_prefix": prefix})
+            for name, split in work:
+                bar.set_description(f"{name}/{split}")
+                prefix = os.path.join(cfg.output, f"{name}_{split}_text_document")
+                s = tokenize_split(split_path(cfg.input, name, split), prefix, encoded_chunks, dtype, staging, bar)
+                stats.setdefault(name, {})[split] = s
+                kind = "eval_only" if name in eval_sets else "domains"
+                entries[kind].setdefault(name, {}).update({f"{split}_tokens": s.tokens,
+                                                           f"{split}_documents": s.documents, f"{split}_prefix": prefix})
+        tokens = previous or {"tokenizer": record, "domains": entries["domains"]}
+        if entries["eval_only"]:   # without any, tokens.json is what it always was
+            tokens["eval_only"] = {**tokens.get("eval_only", {}), **entries["eval_only"]}
         tokens_json = os.path.join(cfg.output, "tokens.json")
         with open(staging.temp(tokens_json), "w") as f:
-            json.dump({"tokenizer": record, "domains": entries}, f, indent=1)
+            json.dump(tokens, f, indent=1)
             f.write("\n")
         staging.commit()
     finally:
@@ -349,7 +397,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             pool.terminate()
             pool.join()
         staging.discard()
-    return PreprocessResult(tokens_json, record, stats, time.time() - start)
+    return PreprocessResult(tokens_json, record, {d: stats[d] for d in domains},
+                            {name: stats[name]["valid"] for name in eval_sets}, time.time() - start)
 
 
 # ---------------------------------------------------------------- report
@@ -361,7 +410,8 @@ def _skip_note(stats: SplitStats) -> str:
 
 
 def format_table(result: PreprocessResult) -> str:
-    """The per-domain table: documents, MB of text and tokens for train and valid, then skipped lines."""
+    """The per-domain table: documents, MB of text and tokens for train and valid, then the eval-only
+    sets (valid only), then skipped lines."""
     header = ("domain", "train docs", "train MB", "train tokens", "valid docs", "valid MB", "valid tokens")
     rows, totals = [], [0] * 6
     for domain, splits in result.stats.items():
@@ -371,17 +421,20 @@ def format_table(result: PreprocessResult) -> str:
             values += [s.documents, s.text_bytes / 1e6, s.tokens]
         totals = [t + v for t, v in zip(totals, values)]
         rows.append([domain] + values)
-    rows.append(["total"] + totals)
+    if result.stats:
+        rows.append(["total"] + totals)
+    for name, s in result.eval_stats.items():
+        rows.append([f"{name} (eval only)", "-", "-", "-", s.documents, s.text_bytes / 1e6, s.tokens])
     widths = [max(len(header[0]), *(len(r[0]) for r in rows))] + [len(h) for h in header[1:]]
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     for r in rows:
         lines.append("  ".join(fmt(v).rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))))
-    for domain, splits in result.stats.items():
-        for split in SPLITS:
-            note = _skip_note(splits[split])
-            if note:
-                lines.append(f"{domain}/{split}: skipped {note}")
+    splits = [(d, split, stats[split]) for d, stats in result.stats.items() for split in SPLITS]
+    for name, split, stats in splits + [(name, "valid", s) for name, s in result.eval_stats.items()]:
+        note = _skip_note(stats)
+        if note:
+            lines.append(f"{name}/{split}: skipped {note}")
     return "\n".join(lines)
 
 
@@ -400,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-sample-mb", type=float, default=16.0,
                    help="MB of train text sampled to train SentencePiece (same share per domain)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (order is kept)")
+    p.add_argument("--add-eval-only", action="store_true",
+                   help="only tokenize the input's eval-only sets into the existing --output, with the tokenizer "
+                        "its tokens.json records (the tokenizer flags are not used); nothing else changes")
     return p
 
 
@@ -408,7 +464,8 @@ def main(argv=None) -> int:
     cfg = PreprocessConfig(input=args.input, output=args.output, domains=args.domains,
                            tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
                            vocab_file=args.vocab_file, merge_file=args.merge_file, vocab_size=args.vocab_size,
-                           tokenizer_sample_mb=args.tokenizer_sample_mb, workers=args.workers)
+                           tokenizer_sample_mb=args.tokenizer_sample_mb, workers=args.workers,
+                           add_eval_only=args.add_eval_only)
     result = preprocess(cfg)
     print(format_table(result))
     tok = result.tokenizer

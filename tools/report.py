@@ -13,7 +13,8 @@ fitted on the pooled training tokens of every domain, read from the `.bin/.idx` 
 
 Evaluation, fixed before any result was seen: the mean over domains of the held-out loss, the
 target metric the searches optimized, each domain's loss, and (from each run's heldout.json, written
-by tools.heldout) top-1 token and whole-word accuracy, which no arm optimizes; mean ± sample std over seeds. A difference
+by tools.heldout) top-1 token and whole-word accuracy and the loss on each evaluation-only set (text
+from sources none of the domains holds), which no arm optimizes; mean ± sample std over seeds. A difference
 is called only when it exceeds the larger seed std of the two arms (so never with one seed).
 Writes OUT/index.md, OUT/summary.json and PNGs; the last printed lines say which arm won on what.
 """
@@ -37,6 +38,7 @@ from tools.sweep import load_tokens, read_json, trajectory_records
 MEAN = "mean over domains"
 TOKEN_ACC, WORD_ACC = "top-1 token accuracy", "whole-word accuracy"   # tools.heldout; higher is better
 HIGHER_IS_BETTER = (TOKEN_ACC, WORD_ACC)
+SOURCE_LOSS = "held-out source loss ({})"   # tools.heldout on an eval-only set; lower is better
 
 
 # ---------------------------------------------------------------- unigram baseline
@@ -52,7 +54,8 @@ def token_array(prefix: str) -> np.ndarray:
 
 
 def unigram_baseline(tokens: dict) -> dict:
-    """{domain: cross-entropy (nats) of its validation tokens under the pooled-train unigram model}."""
+    """{domain or eval-only set: cross-entropy (nats) of its validation tokens under the pooled-train
+    unigram model}."""
     info = tokens["domains"]
     arrays = {d: token_array(info[d]["train_prefix"]) for d in sorted(info)}
     vocab = int(tokens.get("tokenizer", {}).get("vocab_size", 0))
@@ -62,9 +65,9 @@ def unigram_baseline(tokens: dict) -> dict:
         counts[:] += np.bincount(a, minlength=len(counts))[:len(counts)]
     logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
     out = {}
-    for d in sorted(info):
-        if info[d].get("valid_prefix"):
-            v = np.asarray(token_array(info[d]["valid_prefix"]), dtype=np.int64)
+    for d, entry in sorted({**info, **tokens.get("eval_only", {})}.items()):
+        if entry.get("valid_prefix"):
+            v = np.asarray(token_array(entry["valid_prefix"]), dtype=np.int64)
             out[d] = float(-logp[np.minimum(v, len(logp) - 1)].mean())
     return out
 
@@ -132,14 +135,25 @@ def fmt(m: float, s: float) -> str:
 
 # ---------------------------------------------------------------- statistics and verdict
 
-def arm_metrics(runs: list, domains: list) -> dict:
-    """{metric: (mean, std, n)} over seeds: each domain, the mean over domains, the target."""
+def scored_eval_sets(arms: dict) -> list:
+    """The eval-only sets every run's heldout.json scored (none if a run has no heldout.json)."""
+    runs = [r for rs in arms.values() for r in rs]
+    if not all(r["heldout"] for r in runs):
+        return []
+    return sorted(set.intersection(*(set(r["heldout"].get("eval_only", {})) for r in runs)))
+
+
+def arm_metrics(runs: list, domains: list, eval_sets=()) -> dict:
+    """{metric: (mean, std, n)} over seeds: each domain, the mean over domains, the target, the
+    accuracies and the `eval_sets`' losses (tools.heldout)."""
     per = {d: [r["losses"][d] for r in runs] for d in domains}
     per[MEAN] = [float(np.mean([r["losses"][d] for d in domains])) for r in runs]
     per["target"] = [r["target"] for r in runs]
     if all(r["heldout"] for r in runs):
         per[TOKEN_ACC] = [r["heldout"]["mean_token_accuracy"] for r in runs]
         per[WORD_ACC] = [r["heldout"]["mean_word_accuracy"] for r in runs]
+        for name in eval_sets:
+            per[SOURCE_LOSS.format(name)] = [r["heldout"]["eval_only"][name]["loss"] for r in runs]
     return {k: (*mean_std(v), len(v)) for k, v in per.items()}
 
 
@@ -398,7 +412,8 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
         raise UserError("the runs share no evaluated domain")
     baseline = unigram_baseline(tokens) if tokens else {}
     base_mean = float(np.mean([baseline[d] for d in domains])) if all(d in baseline for d in domains) else None
-    metrics = {label: arm_metrics(runs, domains) for label, runs in arms.items()}
+    eval_sets = scored_eval_sets(arms)
+    metrics = {label: arm_metrics(runs, domains, eval_sets) for label, runs in arms.items()}
     info = (read_json(os.path.join(compare, "compare.json")) or {}) if compare else {}
     os.makedirs(out, exist_ok=True)
     md = ["# Comparison report", "",
@@ -414,20 +429,28 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
            f"cross-entropy on each domain's validation set. Accuracies (higher is better; tools.heldout, "
            f"the check no arm optimizes): top-1 next-token and greedy whole-word accuracy on each domain's "
            f"first validation windows, averaged over domains.", ""]
-    accuracies = [k for k in HIGHER_IS_BETTER if all(k in m for m in metrics.values())]
-    header = ["arm", "seeds", MEAN, "target metric", "vs unigram (mean)"] + accuracies
+    source_losses = [SOURCE_LOSS.format(name) for name in eval_sets]
+    if source_losses:
+        md += [f"{', '.join(source_losses)}: loss in nats on held-out text from sources that are in none of the "
+               f"training domains (tools.corpus's evaluation-only sets, never trained on), lower is better; no "
+               f"arm optimizes it.", ""]
+    checks = [k for k in HIGHER_IS_BETTER if all(k in m for m in metrics.values())] + source_losses
+    header = ["arm", "seeds", MEAN, "target metric", "vs unigram (mean)"] + checks
     rows = []
     for label, m in metrics.items():
         gap = f"{m[MEAN][0] - base_mean:+.4f}" if base_mean is not None else "n/a"
         rows.append([label, ", ".join(r["seed"] for r in arms[label]), fmt(*m[MEAN][:2]), fmt(*m["target"][:2]), gap]
-                    + [fmt(*m[k][:2]) for k in accuracies])
-    blank = ["-"] * (2 + len(accuracies))
+                    + [fmt(*m[k][:2]) for k in checks])
+    blank = ["-"] * (2 + len(checks))
     for arm, a in info.get("arms", {}).items():
         if not any(lab in arms for lab in a["labels"]):
             rows.append([arm, "-", "not finished"] + blank)
     md += ["## Arms", "", markdown_table(header, rows), ""]
     if base_mean is not None:
         md += [f"Unigram baseline, mean over domains: {base_mean:.4f}.", ""]
+    source_base = [f"{name} {baseline[name]:.4f}" for name in eval_sets if name in baseline]
+    if source_base:
+        md += [f"Unigram baseline, {'; '.join(source_base)}.", ""]
     what = {arm: a["what"] for arm, a in info.get("arms", {}).items()}
     if what:
         md += ["Arms: " + "; ".join(f"**{k}**: {v}" for k, v in what.items()) + ".", ""]
@@ -436,7 +459,7 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
             for d in domains]
     md += ["## Held-out loss per domain", "", markdown_table(header, rows), ""]
 
-    lines = [verdict(metrics, MEAN), verdict(metrics, "target")] + [verdict(metrics, k) for k in accuracies]
+    lines = [verdict(metrics, MEAN), verdict(metrics, "target")] + [verdict(metrics, k) for k in checks]
     domain_wins = {}
     for d in domains:
         domain_wins.setdefault(min(metrics, key=lambda a: metrics[a][d][0]), []).append(d)

@@ -1,10 +1,14 @@
-"""Build `<out>/<domain>/{train,valid}.jsonl` and `<out>/manifest.json` from the sources.
+"""Build `<out>/<domain>/{train,valid}.jsonl`, `<out>/<eval set>/valid.jsonl` and `<out>/manifest.json`.
 
 Per domain: every source yields documents in md5-of-id order; documents are chunked; sources are
 drawn round-robin (always the source with the fewest bytes so far) until the byte cap; exact
 duplicate chunks are dropped; each chunk goes to train or valid by the stable hash of its
 near-duplicate key. Files are written under temp names and renamed, so re-running with the same
 arguments reproduces byte-identical files and an interrupted run leaves no partial file.
+
+An evaluation-only set (sources.EVAL_ONLY) is built the same way but capped at EVAL_ONLY_MAX_MB and
+written whole as `valid.jsonl`, with no train split, under the manifest's "eval_only" key: it is
+never a training domain, so the tokenizer, sweeps and schedules never see it.
 """
 import hashlib
 import json
@@ -18,18 +22,19 @@ from tqdm import tqdm
 from megatron_ext.atomic import atomic_path, make_output_dir
 from megatron_ext.errors import UserError
 from tools.corpus.fetch import Fetcher, SourceUnavailable
-from tools.corpus.sources import DOMAINS, Source
+from tools.corpus.sources import DOMAINS, EVAL_ONLY, EVAL_ONLY_MAX_MB, Source
 from tools.corpus.split import chunk_text, is_valid, md5_hex
 
 MIN_DOMAINS = 4
 SPLITS = ("train", "valid")
+MANIFEST = "manifest.json"
 
 
 @dataclass
 class CorpusConfig:
     out: str
     cache: str
-    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
+    domains: list[str] = field(default_factory=lambda: [*DOMAINS, *EVAL_ONLY])  # training and eval-only
     max_mb_per_domain: float = 4.0  # 0 = no cap
     valid_fraction: float = 0.04
     jobs: int = 2                   # domains built in parallel processes
@@ -90,8 +95,12 @@ def _atomic_write(path: str, lines) -> str:
     return digest.hexdigest()
 
 
-def build_domain(name: str, sources: list[Source], fetch: Fetcher, cfg: CorpusConfig, show_bar=True) -> dict:
-    """Build one domain's files; returns its manifest entry. Raises SourceUnavailable if no source works."""
+def build_domain(name: str, sources: list[Source], fetch: Fetcher, cfg: CorpusConfig, show_bar=True,
+                 eval_only=False) -> dict:
+    """Build one domain's files (an eval-only set: valid.jsonl alone); returns its manifest entry.
+
+    Raises SourceUnavailable if no source works.
+    """
     fetch.used = set()
     streams, errors = [], []
     for source in sources:
@@ -103,16 +112,19 @@ def build_domain(name: str, sources: list[Source], fetch: Fetcher, cfg: CorpusCo
         raise SourceUnavailable(str(errors[0][1]))
     for source_name, exc in errors:
         _warn(f"{name}: source {source_name} unavailable ({exc}); building from the others")
-    cap = int(cfg.max_mb_per_domain * 1e6)
+    max_mb, valid_fraction, splits = cfg.max_mb_per_domain, cfg.valid_fraction, SPLITS
+    if eval_only:  # every chunk is evaluation text (is_valid(..., 1.0) is always true)
+        max_mb, valid_fraction, splits = min(max_mb or EVAL_ONLY_MAX_MB, EVAL_ONLY_MAX_MB), 1.0, ("valid",)
+    cap = int(max_mb * 1e6)
     with tqdm(total=cap or None, desc=f"{name:15s}", unit="B", unit_scale=True, leave=False,
               file=sys.stderr, disable=not show_bar) as bar:
-        records, taken = select_chunks(streams, cap, cfg.valid_fraction, bar)
-    if not records["train"] or not records["valid"]:
+        records, taken = select_chunks(streams, cap, valid_fraction, bar)
+    if not all(records[split] for split in splits):
         raise SourceUnavailable(f"too little text ({sum(len(r) for r in records.values())} chunks)")
-    entry = {"max_mb_per_domain": cfg.max_mb_per_domain, "valid_fraction": cfg.valid_fraction,
+    entry = {"max_mb_per_domain": max_mb, "valid_fraction": valid_fraction,
              "packages": {key: fetch.packages[key] for key in sorted(fetch.used)},
              "sources": {src: taken[src] for src in sorted(taken)}}
-    for split in SPLITS:
+    for split in splits:
         path = os.path.join(cfg.out, name, f"{split}.jsonl")
         lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records[split])
         sha = _atomic_write(path, lines)
@@ -124,8 +136,10 @@ def build_domain(name: str, sources: list[Source], fetch: Fetcher, cfg: CorpusCo
 def _build_one(args):
     """Worker: (name, manifest entry or None, error message or None)."""
     name, cfg, show_bar = args
+    eval_only = name in EVAL_ONLY
+    sources = EVAL_ONLY[name] if eval_only else DOMAINS[name]
     try:
-        return name, build_domain(name, DOMAINS[name], Fetcher(cfg.cache), cfg, show_bar), None
+        return name, build_domain(name, sources, Fetcher(cfg.cache), cfg, show_bar, eval_only), None
     except SourceUnavailable as exc:
         return name, None, str(exc)
 
@@ -141,11 +155,14 @@ def _build_all(cfg: CorpusConfig):
         yield from pool.imap_unordered(_build_one, tasks)
 
 
-def _previous_manifest(out: str) -> dict:
-    path = os.path.join(out, "manifest.json")
+def _previous_entries(out: str) -> dict:
+    """{name: entry} of the earlier manifest's domains and eval-only sets whose files are still there."""
     try:
-        with open(path) as fh:
-            return json.load(fh).get("domains", {})
+        with open(os.path.join(out, MANIFEST)) as fh:
+            manifest = json.load(fh)
+        kinds = ((manifest.get("domains", {}), DOMAINS, SPLITS), (manifest.get("eval_only", {}), EVAL_ONLY, ("valid",)))
+        return {name: entry for entries, known, splits in kinds for name, entry in entries.items()
+                if name in known and all(os.path.exists(os.path.join(out, name, f"{s}.jsonl")) for s in splits)}
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -154,17 +171,18 @@ def build_corpus(cfg: CorpusConfig) -> dict:
     """Build the requested domains and (re)write the manifest; returns the manifest.
 
     Domains not requested keep their earlier manifest entries (if their files are still there), so
-    `--domains` rebuilds a subset in place. A domain whose sources are all unavailable is skipped
-    with one warning; fewer than min(4, requested) built domains is an error.
+    `--domains` rebuilds a subset in place (`--domains heldout_english` adds the eval-only set to a
+    built corpus). A domain whose sources are all unavailable is skipped with one warning; fewer than
+    min(4, requested) built training domains is an error. An eval-only set that cannot be built is
+    only a warning: everything downstream then lacks that set.
     """
-    unknown = [d for d in cfg.domains if d not in DOMAINS]
+    unknown = [d for d in cfg.domains if d not in DOMAINS and d not in EVAL_ONLY]
     if unknown:
-        raise UserError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join(DOMAINS)}")
+        raise UserError(f"unknown domain(s) {', '.join(unknown)}; known: {', '.join([*DOMAINS, *EVAL_ONLY])}")
     if cfg.max_mb_per_domain < 0 or not 0 < cfg.valid_fraction < 1:
         raise UserError("--max-mb-per-domain must be >= 0 and --valid-fraction in (0, 1)")
     make_output_dir(cfg.out, "--out")
-    entries = {d: e for d, e in _previous_manifest(cfg.out).items()
-               if d in DOMAINS and all(os.path.exists(os.path.join(cfg.out, d, f"{s}.jsonl")) for s in SPLITS)}
+    entries = _previous_entries(cfg.out)
     built = []
     with tqdm(total=len(cfg.domains), desc="domains", unit="domain", file=sys.stderr) as bar:
         for name, entry, error in _build_all(cfg):
@@ -174,15 +192,20 @@ def build_corpus(cfg: CorpusConfig) -> dict:
                 built.append(name)
             else:
                 kept = " (keeping its earlier build)" if name in entries else ""
-                _warn(f"skipping domain {name}: {error}{kept}")
-    if len(built) < min(MIN_DOMAINS, len(cfg.domains)):
+                kind = "evaluation-only set" if name in EVAL_ONLY else "domain"
+                _warn(f"skipping {kind} {name}: {error}{kept}")
+    training = [d for d in cfg.domains if d in DOMAINS]
+    built = [d for d in built if d in DOMAINS]
+    if len(built) < min(MIN_DOMAINS, len(training)):
         raise UserError(f"only {len(built)} domain(s) could be built ({', '.join(built) or 'none'}); "
-                        f"need at least {min(MIN_DOMAINS, len(cfg.domains))}: check network access to the registries")
+                        f"need at least {min(MIN_DOMAINS, len(training))}: check network access to the registries")
     packages = {}
     for entry in entries.values():
         packages.update(entry["packages"])
-    manifest = {"format": 1, "domains": dict(sorted(entries.items())), "packages": dict(sorted(packages.items()))}
-    _atomic_write(os.path.join(cfg.out, "manifest.json"), [json.dumps(manifest, indent=1, sort_keys=True) + "\n"])
+    manifest = {"format": 1, "domains": {d: e for d, e in sorted(entries.items()) if d in DOMAINS},
+                "eval_only": {d: e for d, e in sorted(entries.items()) if d in EVAL_ONLY},
+                "packages": dict(sorted(packages.items()))}
+    _atomic_write(os.path.join(cfg.out, MANIFEST), [json.dumps(manifest, indent=1, sort_keys=True) + "\n"])
     return manifest
 
 
@@ -196,4 +219,7 @@ def format_table(manifest: dict) -> str:
         rows.append(f"{name:16s} {values[0]:10d} {values[1] / 1e6:9.2f} {values[2]:10d} {values[3] / 1e6:9.3f}  "
                     + ", ".join(s for s, v in e["sources"].items() if v["docs"]))
     rows.append(f"{'total':16s} {totals[0]:10d} {totals[1] / 1e6:9.2f} {totals[2]:10d} {totals[3] / 1e6:9.3f}")
+    for name, e in manifest.get("eval_only", {}).items():
+        rows.append(f"{name:16s} {'-':>10s} {'-':>9s} {e['valid']['docs']:10d} {e['valid']['bytes'] / 1e6:9.3f}  "
+                    + ", ".join(s for s, v in e["sources"].items() if v["docs"]) + " (evaluation only)")
     return "\n".join(rows)

