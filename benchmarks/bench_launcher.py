@@ -133,6 +133,9 @@ def main():
                                        f"{name.split()[-1]}{r}")
                 sides[name] += steps[a.warmup:]
             sides["minimal loop"] += [(t, 0.0) for t in minimal_steps(a.threads, a.iters)[a.warmup:]]
+            print(f"round {r + 1}/{a.rounds}: median step s " + ", ".join(
+                f"{name} {statistics.median(t for t, _ in steps):.3f}" for name, steps in sides.items()),
+                file=sys.stderr, flush=True)
         print(f"shape: 4 layers, hidden 256, seq 256, global batch 16 (2 micro-batches of 8), vocab 8192, "
               f"fp32, {a.threads} threads; {a.rounds} rounds of {a.iters} steps per side, {a.warmup} dropped")
         rate = {}
