@@ -144,7 +144,7 @@ def main():
             rate[name] = TOKENS_PER_STEP / statistics.median(times)
             wait = sum(t * w for t, w in steps) / sum(times)
             print(f"{name + ' tokens/s:':34s} {rate[name]:8,.0f}  (median of {len(times)} steps; "
-                  f"waiting for data {wait:.2%} of step time)")
+                  f"waiting for data {wait:.3%} of step time)")
 
         if a.proxy_iters:
             proxy = launcher_steps(["--config", os.path.join(ROOT, "examples", "proxy_1m.yaml"), "--seq-length",
