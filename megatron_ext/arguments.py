@@ -7,6 +7,7 @@ import argparse
 import os
 import shlex
 
+import torch
 import yaml
 
 from megatron_ext.errors import UserError
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="100,0,0",
                    help="Megatron's train,valid,test split; per-domain validation comes from the *_valid prefixes")
     d.add_argument("--data-cache-path")
+    d.add_argument("--num-workers", type=int,
+                   help="DataLoader worker processes reading training batches ahead (default: Megatron's 2 on "
+                        "GPU; 0 on CPU: one reader thread in the launcher, since the compute threads already "
+                        "fill every core and a step's read is milliseconds)")
     d.add_argument("--tokenizer-type", default="NullTokenizer", choices=TOKENIZER_TYPES)
     d.add_argument("--tokenizer-model")
     d.add_argument("--vocab-file")
@@ -182,6 +187,10 @@ def _complete(args) -> None:
                         f"({args.global_batch_size})")
     if args.eval_iters <= 0:  # every evaluation measures each domain: zero batches would be no measurement
         raise UserError(f"--eval-iters must be positive, got {args.eval_iters}")
+    if args.num_workers is None:
+        args.num_workers = 2 if torch.cuda.is_available() else 0
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.keep_last_checkpoints < 0:
         raise UserError(f"--keep-last-checkpoints must be >= 0, got {args.keep_last_checkpoints}")
     if args.lr_warmup_iters < 0:

@@ -23,6 +23,7 @@ class StepResult:
     domain_loss: dict = field(default_factory=dict)  # {domain: mean token loss in this step's global batch}
     seconds: float = 0.0
     tokens: int = 0
+    data_seconds: float = 0.0  # of `seconds`, spent waiting for this step's batch
 
 
 class Callback:
@@ -130,21 +131,25 @@ class TensorBoard(Callback):
 
 class Console(Callback):
     """Every `log_interval` iterations: loss, lr, training tokens/s (steps only, not evaluation or
-    saves), stage and weights; every evaluation: the per-domain losses."""
+    saves), stage and weights, and the fraction of step time spent waiting for data; every
+    evaluation: the per-domain losses."""
     name = "console"
 
     def __init__(self, log_interval: int, train_iters: int):
         self.log_interval, self.train_iters = log_interval, train_iters
-        self.seconds, self.tokens = 0.0, 0
+        self.seconds, self.tokens, self.data_seconds = 0.0, 0, 0.0
 
     def on_step_end(self, trainer, step):
         self.seconds += step.seconds
         self.tokens += step.tokens
+        self.data_seconds += step.data_seconds
         if step.iteration % self.log_interval == 0:
             weights = " ".join(f"{k}={v:.3f}" for k, v in step.weights.items())
+            seconds = max(self.seconds, 1e-9)
             print(f"iter {step.iteration}/{self.train_iters} loss {step.loss:.6f} lr {step.lr:.3e} "
-                  f"tokens/s {self.tokens / max(self.seconds, 1e-9):.0f} stage {step.stage} [{weights}]", flush=True)
-            self.seconds, self.tokens = 0.0, 0
+                  f"tokens/s {self.tokens / seconds:.0f} stage {step.stage} [{weights}] "
+                  f"data wait {self.data_seconds / seconds:.4f}", flush=True)
+            self.seconds, self.tokens, self.data_seconds = 0.0, 0, 0.0
 
     def on_eval(self, trainer, record):
         print(f"eval iter {record['iteration']}: target {record['target']:.4f} " +

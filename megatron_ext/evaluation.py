@@ -1,9 +1,8 @@
 """Batches by global sample index, per-domain validation loss, and crash-safe JSON-lines logs.
 
-Megatron's pretraining sampler: iteration k consumes global samples [c, c + global_batch) with
-c = consumed samples; micro-batch j of data-parallel rank r holds c + (j·DP + r)·micro … + micro − 1.
-Evaluation uses the same layout from index 0 of each domain's validation set, so every evaluation
-sees exactly the same samples.
+`microbatches` reads a global batch synchronously in Megatron's pretraining layout (see
+megatron_ext.data_loader, which reads training batches ahead in the same layout). Evaluation uses the
+layout from index 0 of each domain's validation set, so every evaluation sees exactly the same samples.
 """
 import json
 import os
@@ -14,30 +13,20 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext.atomic import atomic_write
+from megatron_ext.data_loader import microbatch_range, stack_samples, to_device
 from megatron_ext.errors import UserError
-
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 def collate(dataset, indices) -> dict:
-    """A micro-batch of samples, on the GPU when there is one; a blended dataset's samples keep
-    their domain (`dataset_id`), so losses can be told apart per domain."""
-    samples = [dataset[int(i)] for i in indices]
-    keys = BATCH_KEYS + (("dataset_id",) if "dataset_id" in samples[0] else ())
-    batch = {k: torch.stack([torch.as_tensor(np.asarray(s[k])) for s in samples]) for k in keys}
-    if torch.cuda.is_available():
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return batch
+    """A micro-batch of samples, on the GPU when there is one."""
+    return to_device(stack_samples([dataset[int(i)] for i in indices]))
 
 
 def microbatches(dataset, first_sample: int, num_microbatches: int, micro_batch_size: int) -> list:
     """This data-parallel rank's micro-batches of the global batch starting at `first_sample`."""
     dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    out = []
-    for j in range(num_microbatches):
-        start = first_sample + (j * dp + rank) * micro_batch_size
-        out.append(collate(dataset, range(start, start + micro_batch_size)))
-    return out
+    return [collate(dataset, microbatch_range(first_sample, j, micro_batch_size, dp, rank))
+            for j in range(num_microbatches)]
 
 
 def reduce_last_stage_mean(losses: list) -> float:

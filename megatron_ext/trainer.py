@@ -5,8 +5,10 @@ one registry (`state_dict`): iteration, consumed samples, LR scheduler, dataset 
 controller included) and `callbacks: {name: state_dict}`; it is restored before the first step, so a
 run killed anywhere and resumed equals an uninterrupted one (bit-identical on CPU).
 
-Micro-batches keep each sample's `dataset_id`, so every step also reports the per-domain training
-loss of its own global batch, and a controller can weight the loss per domain (`loss_weight`).
+Training batches come from `data_loader.TrainBatches` (a DataLoader in Megatron's sample order, the
+next global batch read while the current one trains). Micro-batches keep each sample's `dataset_id`,
+so every step also reports the per-domain training loss of its own global batch, and a controller can
+weight the loss per domain (`loss_weight`).
 """
 import os
 import time
@@ -27,8 +29,9 @@ from megatron_ext.arguments import check_world
 from megatron_ext.callbacks import StepResult, default_callbacks
 from megatron_ext.checkpointing import load_checkpoint, parallel_layout, save_checkpoint
 from megatron_ext.controllers import build_controller
-from megatron_ext.evaluation import (evaluate_domains, domain_sums, microbatches, reduce_domain_sums,
-                                     reduce_last_stage_mean, target_loss)
+from megatron_ext.data_loader import TrainBatches
+from megatron_ext.evaluation import (evaluate_domains, domain_sums, reduce_domain_sums, reduce_last_stage_mean,
+                                     target_loss)
 from megatron_ext.model import build_model, layer_spec_kind, padded_vocab_size, params_dtype, transformer_config
 from megatron_ext.schedule import MixtureSchedule, domain_name
 from megatron_ext.scheduled_dataset import build_train_valid_datasets
@@ -46,6 +49,9 @@ def initialize(args) -> int:
     else:
         cpu_compat.enable()
         torch.use_deterministic_algorithms(True)
+        # deterministic mode also NaN-fills every torch.empty: a debugging aid, ~440 fills per step of
+        # the launcher benchmark (docs/BENCHMARKS.md); the losses are bit-identical without it
+        torch.utils.deterministic.fill_uninitialized_memory = False
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     torch.distributed.init_process_group("nccl" if on_gpu else "gloo", world_size=world,
@@ -102,6 +108,10 @@ class Trainer:
             self.schedule, train_samples=self.train_samples, global_batch_size=args.global_batch_size,
             seq_length=args.seq_length, seed=args.seed, tokenizer=tokenizer, cache_dir=args.data_cache_path)
         self.domains = self.train_ds.domains
+        self.train_batches = TrainBatches(
+            self.train_ds, global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+            end_sample=self.train_samples, num_workers=args.num_workers, dp_size=self.dp,
+            dp_rank=parallel_state.get_data_parallel_rank())
         self.valid_weights = ({domain_name(p): w for w, p in zip(*self.schedule.valid)} if self.schedule.valid else {})
 
         self.spec_kind = layer_spec_kind()
@@ -197,7 +207,7 @@ class Trainer:
         args = self.args
         start = time.time()
         stage = self.train_ds.stage_of(self.consumed_samples)
-        data = microbatches(self.train_ds, self.consumed_samples, self.num_microbatches, args.micro_batch_size)
+        data = self.train_batches.get(self.consumed_samples)
         for cb in self.callbacks:
             cb.on_batch(self, data)
         self.model.zero_grad_buffer()
@@ -215,7 +225,8 @@ class Trainer:
             iteration=self.iteration, consumed_samples=self.consumed_samples, loss=loss,
             lr=self.optimizer.param_groups[0]["lr"], stage=stage, weights=self.train_ds.weights_at(self.consumed_samples - 1),
             domain_loss={d: float(s / c) for d, s, c in zip(self.domains, sums.tolist(), counts.tolist()) if c > 0},
-            seconds=time.time() - start, tokens=args.global_batch_size * args.seq_length)
+            seconds=time.time() - start, tokens=args.global_batch_size * args.seq_length,
+            data_seconds=self.train_batches.wait_seconds)
 
     def evaluate_losses(self) -> dict:
         """{domain: validation loss} on the same `--eval-iters` batches every time."""
@@ -262,6 +273,7 @@ class Trainer:
                 self.save()
             if exiting:
                 break
+        self.train_batches.close()
         for cb in self.callbacks:
             cb.on_fit_end(self)
         torch.distributed.destroy_process_group()

@@ -81,6 +81,7 @@ def launcher_args(sched, *extra):
     (["--eval-iters", "0"], "--eval-iters must be positive"),
     (["--save-interval", "0"], "--save-interval must be positive"),
     (["--keep-last-checkpoints", "-1"], "--keep-last-checkpoints must be >= 0"),
+    (["--num-workers", "-1"], "--num-workers must be >= 0"),
     (["--load", "/nonexistent/ckpt"], "no such directory"),
 ])
 def test_launcher_flags_are_refused_in_one_line(corpus, capsys, flags, message):
@@ -415,9 +416,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_save_dir_is_owned_and_helpers_die_with_the_launcher(corpus, tmp_path):
-    """torchrun → launcher → megatron-core's write-results manager. A second launcher on the same --save
-    is refused in one line; SIGKILL of torchrun's process group takes the worker and its manager along,
-    and the lock is free again."""
+    """torchrun → launcher → megatron-core's write-results manager and a DataLoader worker. A second
+    launcher on the same --save is refused in one line; SIGKILL of torchrun's process group takes the
+    worker and its helpers along, and the lock is free again."""
     _, _, sched = corpus
     save = tmp_path / "owned"
     with socket.socket() as sock:
@@ -425,7 +426,7 @@ def test_save_dir_is_owned_and_helpers_die_with_the_launcher(corpus, tmp_path):
         port = sock.getsockname()[1]
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port", str(port), LAUNCHER,
            *launcher_args(sched, "--save", save, "--train-iters", 100000, "--eval-interval", 100000,
-                          "--save-interval", 1)]
+                          "--save-interval", 1, "--num-workers", 1)]  # a DataLoader worker too
     torchrun = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     worker = manager = None

@@ -244,7 +244,9 @@ def test_regmixd_resume_after_sigkill_inside_and_at_stage_boundaries(syn_corpus,
     # killed after iteration 3 (inside stage 1) and after 6 (at the boundary of stages 2 and 3)
     resumed = str(tmp_path / "regmixd_resumed")
     run_until_killed(regmixd_args(sched, sur) + ["--save", resumed], resumed, 3)
-    run_until_killed(regmixd_args(sched, sur) + ["--save", resumed, "--load", resumed], resumed, 6)
+    # iterations 4-6 read by DataLoader workers, which read ahead across the switch points at 4 and 6
+    run_until_killed(regmixd_args(sched, sur) + ["--save", resumed, "--load", resumed, "--num-workers", "2"],
+                     resumed, 6)
     r = launch(regmixd_args(sched, sur) + ["--save", resumed, "--load", resumed])
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_jsonl(os.path.join(resumed, "train_log.jsonl")) == log  # samples' stages and losses

@@ -110,6 +110,46 @@ def test_two_stage_schedule_trains_and_writes_trajectory(corpus):
         assert np.abs(counts[stage] - 120 * np.array(weights)).max() <= 1, counts
 
 
+def test_loader_gives_the_synchronous_batches_and_rereads_after_a_controller_decision(corpus):
+    """TrainBatches (DP 2, rank 1; a reader thread, then 2 worker processes) against collate() on indices
+    written out by hand: Megatron's order, the same tensors; a stage appended while the next batch is
+    being read ahead, and seeks (as on resume)."""
+    import torch
+    from megatron_ext.data_loader import TrainBatches
+    from megatron_ext.evaluation import collate
+    from megatron_ext.schedule import MixtureSchedule
+    from megatron_ext.scheduled_dataset import build_train_valid_datasets
+    from megatron_ext.tokenizer import build_tokenizer
+
+    _, _, sched = corpus
+    train_ds, _ = build_train_valid_datasets(
+        MixtureSchedule.load(sched), train_samples=128, global_batch_size=8, seq_length=64, seed=7,
+        tokenizer=build_tokenizer("NullTokenizer", vocab_size=512))
+
+    def check(loader, c):
+        got = loader.get(c)
+        # micro-batch j of rank 1 of 2: samples c + (2j + 1)·2, +1
+        want = [collate(train_ds, [c + 2, c + 3]), collate(train_ds, [c + 6, c + 7])]
+        assert len(got) == 2 and all(set(g) == set(w) for g, w in zip(got, want))
+        assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w), c
+        return got
+
+    for workers, switch, domain in ((0, 72, "books"), (2, 88, "web")):
+        loader = TrainBatches(train_ds, global_batch_size=8, micro_batch_size=2, end_sample=128,
+                              num_workers=workers, dp_size=2, dp_rank=1)
+        try:
+            for c in range(switch - 24, switch, 8):
+                check(loader, c)
+            # the batch at `switch` is being read ahead; the RegMix-D controller appends a stage there
+            train_ds.append_stage(switch, {domain: 1.0})
+            after = check(loader, switch)  # the new stage's samples, not the ones read ahead
+            assert all((b["dataset_id"] == train_ds.domains.index(domain)).all() for b in after)
+            check(loader, 120)  # seeks, as a resume does
+            check(loader, 8)
+        finally:
+            loader.close()
+
+
 def run_until_killed(args, save, kill_after_iteration):
     """Start a run, SIGKILL it once checkpoint `kill_after_iteration` is recorded (mid-training)."""
     proc = subprocess.Popen([PY, LAUNCHER] + args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -133,8 +173,8 @@ def test_resume_after_sigkill_is_bit_identical(corpus):
     r = launch(base + ["--save", straight])
     assert r.returncode == 0, r.stderr[-3000:]
 
-    resumed = str(root / "resumed")
-    run_until_killed(base + ["--save", resumed], resumed, 10)
+    resumed = str(root / "resumed")  # read by 2 DataLoader workers, then (resumed) by the default reader thread
+    run_until_killed(base + ["--save", resumed, "--num-workers", "2"], resumed, 10)
     r = launch(base + ["--save", resumed, "--load", resumed])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_jsonl(os.path.join(straight, "train_log.jsonl")), read_jsonl(os.path.join(resumed, "train_log.jsonl"))
