@@ -1,4 +1,4 @@
-"""The proxy sweep: sample RegMix mixtures, run one launcher per proxy (locally or as a Slurm array).
+"""The proxy sweep: sample RegMix mixtures, train every proxy (locally in persistent workers, or as a Slurm array).
 
     python -m tools.sweep sample sweep/NAME --tokens data/tok/tokens.json --n 32 [--stages K --dynamic]
     python -m tools.sweep run sweep/NAME --config examples/proxy_1m.yaml --jobs 2 [-- launcher flags]
@@ -12,6 +12,9 @@ and per run the launcher's --save output plus `done` / `failed` markers, `state.
 
 Disk: a proxy keeps only its latest checkpoint while it runs (the launcher's
 `--keep-last-checkpoints 1`) and none once it is done; `run --keep-checkpoints` keeps them all.
+
+Locally, `run` keeps `--jobs` workers (tools.sweep_worker) that import megatron-core once and train
+their proxies one after another in-process, each through `run_one` below.
 
 Exactly-once: `run-one` holds an exclusive flock on the run directory for as long as the run lives, and
 hands the locked descriptor down to the launcher, so the lock outlives a killed runner as long as its
