@@ -32,8 +32,10 @@ DEMO_FLAGS = ["--seq-length", "128", "--global-batch-size", "16", "--micro-batch
 
 
 def sweep(*args) -> None:
-    subprocess.run([sys.executable, "-m", "tools.sweep", *map(str, args)], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run([sys.executable, "-m", "tools.sweep", *map(str, args)], cwd=REPO, capture_output=True,
+                         text=True)
+    if out.returncode:
+        sys.exit(f"tools.sweep {args[0]} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
 
 
 def launcher_rate(args, sched: str, save: str, threads: int) -> float:
