@@ -307,6 +307,24 @@ def test_sigkill_and_restart_finishes_every_run_exactly_once(fake, kill_children
         assert [e for e in ev if e["kind"] == "start" and e["resume_from"] > 0]
 
 
+def test_a_killed_worker_is_replaced(fake):
+    """SIGKILL one sweep worker mid-run: the runner starts another, and every run still ends exactly once
+    (the killed worker's launcher child keeps the run's lock until it ends; then the run is marked done)."""
+    sweep, command, setup, events = fake
+    setup(**{f"p{i:04d}": {"sleep": 0.06} for i in range(6)})
+    argv = [PY, "-m", "tools.sweep", *map(str, run_args(sweep, command, "--jobs", 2, iters=12, interval=3))]
+    runner = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    claim = sweep / "runs/p0001/claim"
+    wait_for(lambda: claim.exists() and [e for e in events() if e["run"] == "p0001"])
+    worker = json.loads(claim.read_text())["pid"]
+    os.kill(worker, signal.SIGKILL)
+    _, err = runner.communicate(timeout=120)
+    assert runner.returncode == 0 and "done 6/6" in err, err
+    ev = events()
+    assert not [e for e in ev if e["kind"] == "DOUBLE"]
+    assert all(len([e for e in ev if e["run"] == f"p{i:04d}" and e["kind"] == "end"]) == 1 for i in range(6))
+
+
 def test_slurm_array_calls_the_per_run_command(fake):
     sweep, command, setup, events = fake
     out = sweep_cli(*run_args(sweep, command, "--slurm", "--runs-per-task", 4, "--sbatch-arg=--partition=cpu"))
