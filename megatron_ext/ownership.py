@@ -1,8 +1,8 @@
 """One launcher owns a `--save` directory, and the launcher's helper processes die with it.
 
 - `hold_save_dir`: an exclusive `flock` on `<save>/.regmixd_save.lock`, held by the open descriptor
-  until the process ends (a SIGKILL too: the kernel drops the lock). A second launcher on the same
-  directory stops with one line naming the holder, before it touches anything there.
+  until the process ends (a SIGKILL too: the kernel drops the lock) or `release_save_dir`. A second
+  launcher on the same directory stops with one line naming the holder, before it touches anything there.
 - `die_with_launcher`: Linux's parent-death signal (`PR_SET_PDEATHSIG` = SIGKILL) for
   (a) a torchrun worker, which torch.distributed.elastic starts in its own session, so a `kill -9`
   of torchrun's process group would otherwise leave it training beside a restarted run;
@@ -53,6 +53,13 @@ def hold_save_dir(save: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     _held[path] = fd
+
+
+def release_save_dir(save: str) -> None:
+    """Give up `hold_save_dir`'s lock before the process ends (one process training runs one after another)."""
+    fd = _held.pop(os.path.abspath(save), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -1,6 +1,7 @@
 """tools.sweep: RegMix's sampler, and the resumable runner driven by a fake per-run command."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from fixtures import make_domains
 from megatron_ext.errors import UserError
 from megatron_ext.schedule import MixtureSchedule
 from tools.mixture_sampler import MixtureSampler, SamplerConfig
+from tools.sweep import RunSettings, free_port, run_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -305,6 +307,24 @@ def test_sigkill_and_restart_finishes_every_run_exactly_once(fake, kill_children
         assert [e for e in ev if e["kind"] == "start" and e["resume_from"] > 0]
 
 
+def test_a_killed_worker_is_replaced(fake):
+    """SIGKILL one sweep worker mid-run: the runner starts another, and every run still ends exactly once
+    (the killed worker's launcher child keeps the run's lock until it ends; then the run is marked done)."""
+    sweep, command, setup, events = fake
+    setup(**{f"p{i:04d}": {"sleep": 0.06} for i in range(6)})
+    argv = [PY, "-m", "tools.sweep", *map(str, run_args(sweep, command, "--jobs", 2, iters=12, interval=3))]
+    runner = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    claim = sweep / "runs/p0001/claim"
+    wait_for(lambda: claim.exists() and [e for e in events() if e["run"] == "p0001"])
+    worker = json.loads(claim.read_text())["pid"]
+    os.kill(worker, signal.SIGKILL)
+    _, err = runner.communicate(timeout=120)
+    assert runner.returncode == 0 and "done 6/6" in err, err
+    ev = events()
+    assert not [e for e in ev if e["kind"] == "DOUBLE"]
+    assert all(len([e for e in ev if e["run"] == f"p{i:04d}" and e["kind"] == "end"]) == 1 for i in range(6))
+
+
 def test_slurm_array_calls_the_per_run_command(fake):
     sweep, command, setup, events = fake
     out = sweep_cli(*run_args(sweep, command, "--slurm", "--runs-per-task", 4, "--sbatch-arg=--partition=cpu"))
@@ -349,12 +369,13 @@ log-interval: 100
 
 
 def test_two_real_proxies_through_the_launcher(tmp_path, tok):
-    """sample → run (pretrain_regmixd.py, 2 concurrent) → collect, on the fixture corpus."""
+    """sample → run → collect on the fixture corpus: one sweep worker trains both proxies in one process,
+    and the second equals the same launcher command in a fresh process (megatron-core state torn down)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_PROXY)
     sweep = tmp_path / "real"
     sweep_cli("sample", sweep, "--tokens", tok, "--n", 2)
-    out = sweep_cli("run", sweep, "--config", config, "--jobs", 2, "--retries", 0)
+    out = sweep_cli("run", sweep, "--config", config, "--jobs", 1, "--retries", 0)
     assert "done 2/2" in out.stderr, out.stderr
     for run in ("p0000", "p0001"):
         sched = MixtureSchedule.load(str(sweep / "runs" / run / "sched.json"))
@@ -366,6 +387,26 @@ def test_two_real_proxies_through_the_launcher(tmp_path, tok):
         # a finished proxy keeps its trajectory, not its checkpoints (the launcher kept only the latest)
         assert not [p for p in os.listdir(sweep / "runs" / run) if p.startswith("iter_")]
         assert not (sweep / "runs" / run / "latest_checkpointed_iteration.txt").exists()
+    first, second = (json.loads((sweep / "runs" / r / "done").read_text()) for r in ("p0000", "p0001"))
+    assert first["worker_start_s"] > 0 and "worker_start_s" not in second      # one import for both
+    assert second["phases_s"]["train"] > 0 and second["phases_s"]["eval"] > 0
+    # the second proxy once more, alone in a fresh launcher process with the same threads
+    settings = RunSettings.load(str(sweep))
+    fresh = tmp_path / "fresh" / "p0001"
+    fresh.mkdir(parents=True)
+    shutil.copy(sweep / "runs/p0001/sched.json", fresh / "sched.json")
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(os.sched_getaffinity(0))), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    subprocess.run(run_command(settings, str(fresh)), cwd=settings.cwd, env=env, check=True, capture_output=True)
+    for name in ("trajectory.jsonl", "train_log.jsonl"):
+        ours, alone = ([json.loads(l) for l in (d / name).read_text().splitlines()]
+                       for d in (sweep / "runs/p0001", fresh))
+        assert [r["iteration"] for r in ours] == [r["iteration"] for r in alone] and ours
+        for a, b in zip(ours, alone):
+            for key in ("losses", "domain_loss"):
+                assert a.get(key, {}).keys() == b.get(key, {}).keys()
+                assert all(abs(a[key][d] - b[key][d]) < 1e-6 for d in a.get(key, {}))
+            assert abs(a.get("loss", a.get("target")) - b.get("loss", b.get("target"))) < 1e-6
     status = sweep_cli("status", sweep).stdout
     assert "done 2" in status and "checkpoints 0.0 MB" in status and "MB per finished proxy" in status, status
     out = subprocess.run([PY, "-m", "tools.collect", str(sweep)], cwd=ROOT, capture_output=True, text=True,

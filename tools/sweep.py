@@ -1,4 +1,4 @@
-"""The proxy sweep: sample RegMix mixtures, run one launcher per proxy (locally or as a Slurm array).
+"""The proxy sweep: sample RegMix mixtures, train every proxy (locally in persistent workers, or as a Slurm array).
 
     python -m tools.sweep sample sweep/NAME --tokens data/tok/tokens.json --n 32 [--stages K --dynamic]
     python -m tools.sweep run sweep/NAME --config examples/proxy_1m.yaml --jobs 2 [-- launcher flags]
@@ -12,6 +12,9 @@ and per run the launcher's --save output plus `done` / `failed` markers, `state.
 
 Disk: a proxy keeps only its latest checkpoint while it runs (the launcher's
 `--keep-last-checkpoints 1`) and none once it is done; `run --keep-checkpoints` keeps them all.
+
+Locally, `run` keeps `--jobs` workers (tools.sweep_worker) that import megatron-core once and train
+their proxies one after another in-process, each through `run_one` below.
 
 Exactly-once: `run-one` holds an exclusive flock on the run directory for as long as the run lives, and
 hands the locked descriptor down to the launcher, so the lock outlives a killed runner as long as its
@@ -277,19 +280,33 @@ class _Terminated(Exception):
     pass
 
 
-def attempt(settings: RunSettings, run_dir: str, lock_fd: int, number: int) -> tuple:
-    """One launcher execution; returns (ok, reason)."""
+def prepare_attempt(settings: RunSettings, run_dir: str, number: int) -> tuple:
+    """(argv, resume) of the next attempt, whose header line is now in the run's log."""
     resume = has_checkpoint(run_dir)
     if not resume and os.path.exists(os.path.join(run_dir, TRAJECTORY)):
         os.remove(os.path.join(run_dir, TRAJECTORY))   # a restart must not append to a dead run's lines
     argv = run_command(settings, run_dir)
+    with open(os.path.join(run_dir, LOG), "a") as log:
+        log.write(f"=== attempt {number} ({'resume' if resume else 'start'}) pid {os.getpid()} "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
+    return argv, resume
+
+
+def judge_attempt(settings: RunSettings, run_dir: str) -> tuple:
+    """(ok, reason) of an attempt that ended without error: every evaluation must be there."""
+    evals = len(trajectory_records(run_dir))
+    if evals != settings.expected_evals:
+        return False, f"exit code 0 but {evals} of {settings.expected_evals} trajectory lines"
+    return True, ""
+
+
+def attempt(settings: RunSettings, run_dir: str, lock_fd: int, number: int) -> tuple:
+    """One launcher execution in a child process; returns (ok, reason, details for the `done` marker)."""
+    argv, _ = prepare_attempt(settings, run_dir, number)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)))
     with open(os.path.join(run_dir, LOG), "a") as log:
-        log.write(f"=== attempt {number} ({'resume' if resume else 'start'}) pid {os.getpid()} "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}\n")
-        log.flush()
         child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                  cwd=settings.cwd or None, pass_fds=(lock_fd,))
 
@@ -303,7 +320,7 @@ def attempt(settings: RunSettings, run_dir: str, lock_fd: int, number: int) -> t
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-            return False, f"timed out after {settings.run_timeout:g} s"
+            return False, f"timed out after {settings.run_timeout:g} s", {}
         except _Terminated:
             child.wait()
             raise
@@ -311,15 +328,31 @@ def attempt(settings: RunSettings, run_dir: str, lock_fd: int, number: int) -> t
             for s, h in old.items():
                 signal.signal(s, h)
     if code != 0:
-        return False, f"exit code {code}"
-    evals = len(trajectory_records(run_dir))
-    if evals != settings.expected_evals:
-        return False, f"exit code 0 but {evals} of {settings.expected_evals} trajectory lines"
-    return True, ""
+        return False, f"exit code {code}", {}
+    return (*judge_attempt(settings, run_dir), {})
 
 
-def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
+def record_failure(run_dir: str, settings: RunSettings, state: dict, reason: str) -> bool:
+    """Count a failed attempt in `state.json` (the caller holds the run); True when the run is now failed."""
+    state["failures"] += 1
+    state["last_error"] = reason
+    write_json(os.path.join(run_dir, STATE), state)
+    if state["failures"] > settings.retries:
+        write_json(os.path.join(run_dir, FAILED), {
+            "run": os.path.basename(run_dir), "attempts": state["failures"], "reason": reason,
+            "log": os.path.abspath(os.path.join(run_dir, LOG))})
+        return True
+    return False
+
+
+def failure_state(run_dir: str) -> dict:
+    return read_json(os.path.join(run_dir, STATE)) or {"failures": 0}
+
+
+def run_one(sweep: str, run_id: str, settings: RunSettings, attempt_fn=attempt, on_attempt=None) -> int:
     """Run one proxy to completion (with retries) unless done, failed, or held by another process.
+    `attempt_fn` runs one attempt (default: the launcher in a child process); `on_attempt(number)`
+    is told when each starts.
 
     Exit: 0 done, 1 failed (now or before), EXIT_BUSY held elsewhere."""
     run_dir = os.path.join(sweep, RUNS, run_id)
@@ -334,29 +367,26 @@ def run_one(sweep: str, run_id: str, settings: RunSettings) -> int:
             return 0
         if os.path.exists(os.path.join(run_dir, FAILED)):
             return 1
-        state = read_json(os.path.join(run_dir, STATE)) or {"failures": 0}
+        state = failure_state(run_dir)
         start = time.time()
         while True:
+            details = {}
             if finished_unmarked(run_dir, settings):
                 ok, reason = True, ""
             else:
+                if on_attempt is not None:
+                    on_attempt(state["failures"] + 1)
                 try:
-                    ok, reason = attempt(settings, run_dir, lock, state["failures"] + 1)
+                    ok, reason, details = attempt_fn(settings, run_dir, lock, state["failures"] + 1)
                 except _Terminated:
                     return 143
             if ok:
                 write_json(os.path.join(run_dir, DONE), {
                     "run": run_id, "evals": settings.expected_evals, "attempts": state["failures"] + 1,
-                    "wall_s": round(time.time() - start, 3), "finished": time.time()})
+                    "wall_s": round(time.time() - start, 3), "finished": time.time(), **details})
                 finish_disk(run_dir, settings)
                 return 0
-            state["failures"] += 1
-            state["last_error"] = reason
-            write_json(os.path.join(run_dir, STATE), state)
-            if state["failures"] > settings.retries:
-                write_json(os.path.join(run_dir, FAILED), {
-                    "run": run_id, "attempts": state["failures"], "reason": reason,
-                    "log": os.path.abspath(os.path.join(run_dir, LOG))})
+            if record_failure(run_dir, settings, state, reason):
                 return 1
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -417,23 +447,80 @@ def fmt_hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class LocalRunner:
-    """Keeps `jobs` run-one processes going until every run is done or failed."""
+class Worker:
+    """One `tools.sweep_worker` process: gets run ids on stdin, one at a time, and answers on stdout
+    `attempt ID N` as each attempt starts and `result ID CODE` (run_one's exit code) at the end."""
 
-    def __init__(self, sweep: str, jobs: int, cores: int, gpus: list):
-        self.sweep, self.jobs, self.gpus = os.path.abspath(sweep), jobs, gpus
+    def __init__(self, sweep: str, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.sweep_worker", sweep], env=env, cwd=REPO,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.pending = b""
+        self.run_id, self.attempt_since = None, 0.0
+
+    def give(self, run_id: str) -> None:
+        self.proc.stdin.write(f"{run_id}\n".encode())
+        self.proc.stdin.flush()
+        self.run_id, self.attempt_since = run_id, time.time()
+
+    def messages(self) -> list:
+        """The whole lines it wrote since the last call, split into words."""
+        try:
+            chunk = self.proc.stdout.read() or b""
+        except BlockingIOError:
+            chunk = b""
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        return [line.decode().split() for line in lines if line.strip()]
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait()
+
+
+class LocalRunner:
+    """Keeps `jobs` sweep workers busy until every run is done or failed. A worker imports megatron-core
+    once and trains its runs one after another in its own process (a custom `--command`: one child
+    process per attempt, as `run-one`). A worker that dies, or whose in-process attempt outlives
+    `--run-timeout` (it is killed), costs its run one attempt and is replaced."""
+
+    def __init__(self, sweep: str, jobs: int, cores: int, gpus: list, settings: RunSettings):
+        self.sweep, self.jobs, self.gpus, self.settings = os.path.abspath(sweep), jobs, gpus, settings
         self.threads = max(1, cores // jobs)
-        self.active = {}          # slot -> (run id, Popen)
+        self.in_process = settings.command == DEFAULT_COMMAND   # else `attempt` enforces the timeout
+        self.workers = {}         # slot -> Worker
         self.tty = sys.stderr.isatty()
         self.last_line, self.last_print = "", 0.0
 
-    def _spawn(self, slot: int, run_id: str) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
-                   OPENBLAS_NUM_THREADS=str(self.threads))
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
-        argv = [sys.executable, "-m", "tools.sweep", "run-one", self.sweep, run_id]
-        self.active[slot] = (run_id, subprocess.Popen(argv, env=env, cwd=REPO))
+    def _worker(self, slot: int) -> Worker:
+        if slot in self.workers and self.workers[slot].proc.poll() is not None:
+            del self.workers[slot]           # an idle worker that ended on its own
+        if slot not in self.workers:
+            env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
+                       OPENBLAS_NUM_THREADS=str(self.threads), PYTHONUNBUFFERED="1")
+            if self.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+            self.workers[slot] = Worker(self.sweep, env)
+        return self.workers[slot]
+
+    def _running(self) -> int:
+        return sum(w.run_id is not None for w in self.workers.values())
+
+    def _lost(self, slot: int, reason: str) -> str:
+        """Worker `slot` died or was killed mid-run: its run loses that attempt; returns the run id."""
+        worker = self.workers.pop(slot)
+        worker.stop(signal.SIGKILL)
+        run_dir = os.path.join(self.sweep, RUNS, worker.run_id)
+        lock = try_claim(run_dir)
+        if lock is not None:
+            try:
+                if run_state(run_dir) == "todo":
+                    record_failure(run_dir, self.settings, failure_state(run_dir), reason)
+            finally:
+                os.remove(os.path.join(run_dir, CLAIM))
+                os.close(lock)
+        return worker.run_id
 
     def _status(self, ids, started: float, finished_here: int, final=False) -> None:
         states = [run_state(os.path.join(self.sweep, RUNS, i)) for i in ids]
@@ -442,7 +529,7 @@ class LocalRunner:
         rate = finished_here / hours if hours > 0 else 0.0
         left = len(ids) - done - failed
         eta = fmt_hms(left / rate * 3600) if rate > 0 else "--"
-        line = (f"[sweep] done {done}/{len(ids)}  running {len(self.active)}  failed {failed}  "
+        line = (f"[sweep] done {done}/{len(ids)}  running {self._running()}  failed {failed}  "
                 f"{rate:.1f} proxies/h  ETA {eta}")
         now = time.time()
         if self.tty and not final:
@@ -458,8 +545,9 @@ class LocalRunner:
         queue = [i for i in ids if run_state(os.path.join(self.sweep, RUNS, i)) == "todo"]
         elsewhere = {}            # run id -> time of the next look (held by another process)
         started, finished_here = time.time(), 0
+        timeout = self.settings.run_timeout if self.in_process else 0.0
         try:
-            while queue or self.active or elsewhere:
+            while queue or self._running() or elsewhere:
                 now = time.time()
                 for run_id, when in list(elsewhere.items()):
                     if now >= when:
@@ -467,7 +555,7 @@ class LocalRunner:
                         if run_state(os.path.join(self.sweep, RUNS, run_id)) == "todo":
                             queue.append(run_id)
                 for slot in range(self.jobs):
-                    while slot not in self.active and queue:
+                    while (slot not in self.workers or self.workers[slot].run_id is None) and queue:
                         run_id = queue.pop(0)
                         run_dir = os.path.join(self.sweep, RUNS, run_id)
                         if run_state(run_dir) != "todo":
@@ -475,25 +563,35 @@ class LocalRunner:
                         if claim_state(run_dir) == "held":
                             elsewhere[run_id] = now + 2.0
                             continue
-                        self._spawn(slot, run_id)
-                for slot, (run_id, proc) in list(self.active.items()):
-                    code = proc.poll()
-                    if code is None:
+                        self._worker(slot).give(run_id)
+                for slot, worker in list(self.workers.items()):
+                    for words in worker.messages():
+                        if words[0] == "attempt":
+                            worker.attempt_since = time.time()
+                            continue
+                        run_id, code = words[1], int(words[2])
+                        worker.run_id = None
+                        if code == 0:
+                            finished_here += 1
+                        elif code == EXIT_BUSY:
+                            elsewhere[run_id] = now + 2.0
+                        elif code != 1:
+                            raise UserError(f"sweep worker: run {run_id} ended with code {code}")
+                    if worker.run_id is None:
                         continue
-                    del self.active[slot]
-                    if code == 0:
-                        finished_here += 1
-                    elif code == EXIT_BUSY:
-                        elsewhere[run_id] = now + 2.0
-                    elif code != 1:
-                        raise UserError(f"run-one {run_id} exited with code {code}")
+                    code = worker.proc.poll()
+                    if code is not None:
+                        queue.insert(0, self._lost(slot, f"worker exited with code {code}"))
+                    elif timeout and now - worker.attempt_since > timeout:
+                        queue.insert(0, self._lost(slot, f"timed out after {timeout:g} s"))
                 self._status(ids, started, finished_here)
                 time.sleep(0.1)
+            for worker in self.workers.values():
+                worker.proc.stdin.close()       # no more runs: the worker exits
+                worker.proc.wait()
         finally:
-            for _, proc in self.active.values():
-                proc.terminate()
-            for _, proc in self.active.values():
-                proc.wait()
+            for worker in self.workers.values():
+                worker.stop()
         self._status(ids, started, finished_here, final=True)
         failed = [i for i in ids if run_state(os.path.join(self.sweep, RUNS, i)) == "failed"]
         for run_id in failed:
@@ -598,9 +696,9 @@ def cmd_run(args) -> int:
     print(f"[sweep] {len(ids)} proxies, {settings.expected_evals} evaluations each, --jobs {args.jobs}, "
           f"{max(1, cores // args.jobs)} threads per run" + (f", GPUs {','.join(gpus)}" if gpus else ""),
           file=sys.stderr)
-    # SIGTERM unwinds like Ctrl-C, so the runner stops its run-one children (they stop their launchers)
+    # SIGTERM unwinds like Ctrl-C, so the runner stops its workers (they stop their launchers)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return LocalRunner(args.sweep, args.jobs, cores, gpus).run()
+    return LocalRunner(args.sweep, args.jobs, cores, gpus, settings).run()
 
 
 def cmd_status(args) -> int:
