@@ -79,10 +79,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# tests run in TEST_JOBS pytest-xdist workers, a test file per worker (module fixtures are built once)
-TEST_JOBS ?= 2
 test: venv
-	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile tests
+	$(PY) -m pytest tests
 
 corpus: $(RAW)
 $(RAW): | $(STAMP)
