@@ -1,6 +1,6 @@
 """Fit and search timings, plus the reference method against our extensions on the synthetic generator.
 
-  .venv/bin/python benchmarks/bench_fit_search.py [--runs 512] [--candidates 250000] [--threads 2]
+  .venv/bin/python benchmarks/bench_fit_search.py [--runs 512] [--candidates 100000] [--threads 2]
       [--parts fit,search[,cv,methods]]
 
 1. fit: a synthetic sweep of R runs × 10 evaluations × 12 domains (13 targets: the target metric and each
@@ -166,7 +166,7 @@ def bench_methods(folder: str, candidates: int, threads: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=512)
-    p.add_argument("--candidates", type=int, default=250_000)
+    p.add_argument("--candidates", type=int, default=100_000)
     p.add_argument("--method-candidates", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--surrogate", help="search part: time this surrogate folder instead of fitting one (R runs)")

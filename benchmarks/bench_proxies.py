@@ -1,10 +1,10 @@
 """Sweep throughput: a sweep's aggregate training tokens/s against the launcher's, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_proxies.py [--n 4] [--train-iters 32] [--eval-interval 16] [--jobs 1]
+    .venv/bin/python benchmarks/bench_proxies.py [--n 4] [--train-iters 96] [--eval-interval 16] [--jobs 1]
         [--tokens data/tok/tokens.json] [--config examples/proxy_1m.yaml] [--workdir DIR] [-- launcher flags]
 
 Defaults: the demo proxy recipe (Makefile PROXY_FLAGS: seq 128, global batch 16, micro-batch 8, 4
-evaluation batches per domain, every 16 iterations) on the demo corpus, with fewer iterations (32).
+evaluation batches per domain, every 16 iterations) on the demo corpus, at its 96 iterations.
 - launcher tokens/s: `pretrain_regmixd.py` alone on the first proxy's mixture, same config and threads
   (cores // jobs), training steps only (its own per-log-interval tokens/s lines, combined as tokens over
   step seconds; start-up, evaluations and saves excluded); run once before and once after the sweep,
@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=4, help="proxies in the sweep")
     p.add_argument("--jobs", type=int, default=1, help="tools.sweep run --jobs")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--train-iters", type=int, default=32)
+    p.add_argument("--train-iters", type=int, default=96)
     p.add_argument("--eval-interval", type=int, default=16)
     p.add_argument("--workdir", help="keep the sweep here (default: a temporary directory)")
     p.add_argument("extra", nargs="*", help="launcher flags (after --; default: the demo recipe's)")
