@@ -8,14 +8,8 @@ domain's validation set to the trajectory file; checkpoints resume exactly. The 
 """
 import os
 import sys
-import warnings
 
-# megatron-core warns at import that Transformer Engine / apex are missing: expected on CPU, where the
-# launcher picks its own layer spec (and logs which one).
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
-# ... and TransformerConfig's own default cuda_graph_scope trips its deprecation warning (no CUDA graphs here)
-warnings.filterwarnings("ignore", message="full scope is deprecated")
-
+import megatron_ext.quiet_imports  # noqa: F401  (before megatron-core)
 from megatron_ext.arguments import parse_args
 from megatron_ext.errors import UserError
 from megatron_ext.ownership import own_launch

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -114,7 +113,7 @@ def main():
     if a.minimal_child:
         return minimal_loop(a.iters)
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    import megatron_ext.quiet_imports  # noqa: F401  (before megatron-core)
     from fixtures import make_domains
 
     load_before = os.getloadavg()

@@ -1,9 +1,7 @@
 import os
 import sys
-import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# megatron-core warns about missing TE/apex at import; that is the expected CPU set-up.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+import megatron_ext.quiet_imports  # noqa: E402,F401  (before megatron-core)

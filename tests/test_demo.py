@@ -189,3 +189,15 @@ def test_heldout_loss_and_accuracy_match_a_direct_computation():
     assert got["word_accuracy"] == pytest.approx(correct[:, 1:-1].mean(), abs=1e-12)   # first, last word left out
     assert got["words"] == windows * (seq - 2)
     assert score_windows(None, ids[:seq], seq, windows, {"type": "NullTokenizer"}) is None   # no whole window
+
+
+def test_trained_mixture_follows_a_controllers_stages():
+    """The report plots a controller's run from its trajectory: an interval's mixture is the one its
+    closing evaluation records, and repeated mixtures merge into one stage."""
+    from tools.report import trained_mixture
+    records = [{"progress": p, "weights": w} for p, w in
+               [(0.25, {"a": 0.5, "b": 0.5}), (0.5, {"a": 0.5, "b": 0.5}), (0.75, {"a": 0.9, "b": 0.1}),
+                (1.0, {"b": 1.0})]]
+    starts, W = trained_mixture(records, ["a", "b"])
+    assert starts == [0.0, 0.5, 0.75]
+    assert W.tolist() == [[0.5, 0.5], [0.9, 0.1], [0.0, 1.0]]

@@ -21,9 +21,8 @@ import argparse
 import functools
 import json
 import os
-import warnings
 
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
+import megatron_ext.quiet_imports  # noqa: E402,F401  (before megatron-core)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

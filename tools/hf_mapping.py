@@ -16,11 +16,11 @@ import argparse
 import json
 import os
 import socket
-import warnings
 from typing import Dict
 
 import torch
 
+import megatron_ext.quiet_imports  # noqa: F401  (before megatron-core)
 from megatron_ext.errors import UserError
 
 # the launcher's model flags (argparse dests) that the HF config determines
@@ -165,8 +165,6 @@ def init_single_process() -> None:
 
     from megatron_ext import cpu_compat
 
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex are|Apex is) not installed")
-    warnings.filterwarnings("ignore", message="full scope is deprecated")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA initializes: conversions build on the CPU
     if torch.cuda.is_available():
         raise UserError("CUDA was initialized before the conversion; run it with CUDA_VISIBLE_DEVICES=")

@@ -27,14 +27,12 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Dict, Iterator, List, Optional, Tuple
 
-# megatron-core warns about missing TE/apex at import; that is the expected CPU set-up.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+import megatron_ext.quiet_imports  # noqa: E402,F401  (before megatron-core)
 
 import numpy as np  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402

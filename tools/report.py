@@ -197,6 +197,23 @@ def versus(metrics: dict, arm: str, other: str, metric: str) -> str:
     return f"{arm} vs {other} on {metric}: {diff:+.4f} ({word})"
 
 
+def questions(metrics: dict) -> list:
+    """(RegMix-D arm, other arm) pairs the comparison exists to answer: each RegMix-D arm against the
+    natural mixture, DoReMi and RegMix at its proxy budget; online against offline at its budget; and the
+    paper's claim, RegMix-D at the smallest budget against RegMix at the largest."""
+    regmix = sorted((int(budget_of(a)), a) for a in metrics if a.startswith("regmix_") and budget_of(a))
+    pairs = []
+    for arm in (a for a in metrics if a.startswith("regmixd")):
+        b = budget_of(arm)
+        others = ["natural", "doremi"] + [a for a in metrics if a.startswith("regmix_") and budget_of(a) == b]
+        if arm.startswith("regmixd_online"):
+            others.append(arm.replace("regmixd_online", "regmixd_offline"))
+        if b and len(regmix) > 1 and int(b) == regmix[0][0]:
+            others.append(regmix[-1][1])
+        pairs += [(arm, o) for o in others if o in metrics]
+    return pairs
+
+
 # ---------------------------------------------------------------- proxies
 
 def proxy_summary(sweep: str, domains: list) -> dict:
@@ -251,14 +268,34 @@ def save(fig, path: str) -> None:
     save_figure(fig, path)
 
 
+def trained_mixture(records: list, domains: list) -> tuple:
+    """(stage starts, weights per stage) of what a run trained on, from its trajectory: each evaluation
+    records the mixture of the interval it closes. For a run whose controller chose the mixture as it
+    went (its sched.json holds only the first stage)."""
+    starts, W, prev = [], [], 0.0
+    for r in records:
+        w = [float(r["weights"].get(d, 0.0)) for d in domains]
+        if not W or w != W[-1]:
+            starts.append(prev)
+            W.append(w)
+        prev = float(r["progress"])
+    return starts, np.array(W, float)
+
+
 def plot_schedules(arms: dict, path: str) -> None:
+    """Each arm's mixture over the run: its schedule, or for a controller's run (more stages trained than
+    the schedule holds) the mixture its first seed trained on."""
     plt = _plt()
     labels = [a for a in arms if arms[a][0]["schedule"] is not None]
     fig, axes = plt.subplots(len(labels), 1, figsize=(8, 1.8 * len(labels) + 0.6), squeeze=False)
     for ax, label in zip(axes[:, 0], labels):
-        sched = arms[label][0]["schedule"]
-        starts = [float(s.start) for s in sched.stages]
-        W = np.array(sched.stage_weight_vectors(), float)
+        run = arms[label][0]
+        sched = run["schedule"]
+        if max(r.get("stage", 0) for r in run["records"]) >= len(sched.stages):
+            starts, W = trained_mixture(run["records"], sched.domains)
+            label = f"{label}\nseed {run['seed']}, as trained"
+        else:
+            starts, W = [float(s.start) for s in sched.stages], np.array(sched.stage_weight_vectors(), float)
         W = W / W.sum(axis=1, keepdims=True)
         ax.stackplot(starts + [1.0], np.vstack([W, W[-1]]).T, labels=sched.domains, step="post")
         ax.set_xlim(0, 1)
@@ -465,11 +502,7 @@ def build_report(arms: dict, tokens: dict, out: str, sweep=None, compare=None) -
         domain_wins.setdefault(min(metrics, key=lambda a: metrics[a][d][0]), []).append(d)
     lines.append("lowest per domain: " + "; ".join(f"{a} on {len(ds)} ({', '.join(ds)})"
                                                     for a, ds in sorted(domain_wins.items())))
-    for arm in (a for a in metrics if a.startswith("regmixd")):
-        if "natural" in metrics:
-            lines.append(versus(metrics, arm, "natural", MEAN))
-        lines += [versus(metrics, arm, other, MEAN) for other in metrics
-                  if other.startswith("regmix_") and budget_of(other) == budget_of(arm)]
+    lines += [versus(metrics, arm, other, MEAN) for arm, other in questions(metrics)]
     if base_mean is not None:
         below = [a for a in metrics if metrics[a][MEAN][0] < base_mean]
         lines.append(f"unigram baseline {base_mean:.4f}: {len(below)} of {len(metrics)} arms below it")

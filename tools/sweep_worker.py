@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 
+import megatron_ext.quiet_imports  # noqa: F401  (before megatron-core)
 from megatron_ext.errors import UserError
 from tools.cli import run_main
 from tools.sweep import (DEFAULT_COMMAND, LOG, RunSettings, attempt, free_port, judge_attempt, prepare_attempt,
