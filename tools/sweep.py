@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import megatron_ext.quiet_imports  # noqa: F401  (before megatron-core, which `run` imports to check flags)
 from megatron_ext.atomic import atomic_write, make_output_dir
 from megatron_ext.checkpoint_files import TRACKER, disk_usage, remove_checkpoints
 from megatron_ext.errors import UserError
