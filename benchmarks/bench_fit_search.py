@@ -1,7 +1,7 @@
 """Fit and search timings, plus the reference method against our extensions on the synthetic generator.
 
   .venv/bin/python benchmarks/bench_fit_search.py [--runs 512] [--candidates 100000] [--threads 2]
-      [--parts fit,search[,cv,methods]]
+      [--parts fit,search[,cv,methods,options]]
 
 1. fit: a synthetic sweep of R runs × 10 evaluations × 12 domains (13 targets: the target metric and each
    domain's loss), trajectory mode on 10 stages (9 transitions per run), LightGBM (RegMix settings) + ridge
@@ -11,6 +11,10 @@
    once with LightGBM's own, side by side in one run (order L C C L, best of each); ends with the ratio line.
 3. methods (opt-in): true generator loss of the schedules searched by the reference mode and by the
    extensions, beside the generator's best static mixture (exhaustive grid) and the prior.
+4. options (opt-in): on the search part's main model, the share of its splits on features that are constant
+   within one stage's search (progress, the loss state), its mean leaf depth, and lleaves' per-row cost for
+   other compile options (block sizes, LLVM code model, inlining) against LightGBM's, on 20K uniformly random rows,
+   one thread, CPU seconds.
 """
 import argparse
 import os
@@ -62,14 +66,18 @@ def bench_fit(folder: str, runs: int, threads: int, cv: bool) -> None:
               flush=True)
 
 
-def bench_search(folder: str, surrogate: str | None, runs: int, candidates: int, threads: int) -> float:
-    """The search with compiled and with LightGBM prediction on one surrogate (fitted here unless given);
-    returns the ratio of their prediction rates (candidates/s)."""
-    if surrogate is None:
-        write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
-        table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
-        surrogate = os.path.join(folder, "sur")
-        fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"}).save(surrogate)
+def search_surrogate(folder: str, runs: int, threads: int) -> str:
+    """The search part's surrogate: an 8-stage first-drop fit of R synthetic runs × 8 evaluations, saved."""
+    write_synthetic_sweep(folder, runs=runs, evals=8, domains=12)
+    table = trajectory_table(folder, stages=8, targets=["target"], model="first-drop")
+    surrogate = os.path.join(folder, "sur")
+    fit_surrogate(table, FitConfig(lgbm=LGBMSettings(num_threads=threads)), {"objective": "target"}).save(surrogate)
+    return surrogate
+
+
+def bench_search(surrogate: str, candidates: int, threads: int) -> float:
+    """The search with compiled and with LightGBM prediction on one surrogate; returns the ratio of their
+    prediction rates (candidates/s)."""
     lightgbm, compiled = (Surrogate.load(surrogate) for _ in range(2))
     objective, domains = compiled.meta["objective"], compiled.domains
     compiled.compiled = {}  # compile here even where a cache exists, to time it
@@ -134,6 +142,59 @@ def bench_search(folder: str, surrogate: str | None, runs: int, candidates: int,
     return rates["compiled"] / rates["lightgbm"]
 
 
+def bench_options(surrogate: str, rows: int = 20_000) -> None:
+    """What the compiled search's levers are worth on the main model (the loss-state model of stages 1+)."""
+    import lleaves
+    s = Surrogate.load(surrogate)
+    name = s.model_file(s.meta["objective"])
+    booster, path = s.model_files()[name], os.path.join(surrogate, name)
+    model = booster.dump_model()
+    names = s.meta["features"]
+    splits, depths = {}, []
+
+    def walk(node, depth):
+        if "split_feature" not in node:
+            depths.append(depth)
+            return
+        feature = names[node["split_feature"]]
+        splits[feature] = splits.get(feature, 0) + 1
+        walk(node["left_child"], depth + 1)
+        walk(node["right_child"], depth + 1)
+
+    for tree in model["tree_info"]:
+        walk(tree["tree_structure"], 0)
+    total = sum(splits.values())
+    constant = {f: n / total for f, n in splits.items() if f in ("progress", "loss_start") or f.startswith("cum:")}
+    print(f"options: {name}, {len(model['tree_info'])} trees, {len(depths)} leaves, mean leaf depth "
+          f"{np.mean(depths):.2f}; share of splits on features constant within a stage's search: "
+          + ", ".join(f"{f} {v:.3f}" for f, v in sorted(constant.items())), flush=True)
+    X = np.random.default_rng(0).random((rows, booster.num_feature()))
+
+    def cpu_per_row(predict) -> float:
+        best = np.inf
+        for _ in range(3):
+            start = time.process_time()
+            predict()
+            best = min(best, time.process_time() - start)
+        return best / rows
+
+    base = cpu_per_row(lambda: booster.predict(X, num_threads=1))
+    reference = booster.predict(X, num_threads=1)
+    print(f"options: LightGBM {base * 1e6:.2f} us/row (1 thread, CPU seconds, {rows} uniform rows)", flush=True)
+    for blocksize, codemodel, inline in ((34, "large", False), (34, "small", False), (16, "large", False),
+                                         (8, "large", False), (64, "large", False), (1000, "large", False),
+                                         (34, "large", True)):
+        compiled = lleaves.Model(model_file=path)
+        start = time.process_time()
+        compiled.compile(finline=inline, fblocksize=blocksize, fcodemodel=codemodel)
+        took = time.process_time() - start
+        per_row = cpu_per_row(lambda: compiled.predict(X, n_jobs=1))
+        diff = np.abs(compiled.predict(X, n_jobs=1) - reference).max()
+        print(f"options: blocks of {blocksize}, code model {codemodel}, inlining {'on' if inline else 'off'}: "
+              f"compile {took:.1f} CPU-s, {per_row * 1e6:.2f} us/row, {base / per_row:.2f}x LightGBM, "
+              f"max abs difference {diff:.2g}", flush=True)
+
+
 def bench_methods(folder: str, candidates: int, threads: int) -> None:
     write_synthetic_sweep(folder, runs=128, evals=10)
     grid = np.array([(a, b, 100 - a - b) for a in range(101) for b in range(101 - a)]) / 100
@@ -170,7 +231,8 @@ def main() -> None:
     p.add_argument("--method-candidates", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--surrogate", help="search part: time this surrogate folder instead of fitting one (R runs)")
-    p.add_argument("--parts", default="fit,search", help="comma-separated parts to run: fit,cv,search,methods")
+    p.add_argument("--parts", default="fit,search",
+                   help="comma-separated parts to run: fit,cv,search,methods,options")
     args = p.parse_args()
     parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,8 +241,12 @@ def main() -> None:
             bench_fit(sweep, args.runs, args.threads, cv="cv" in parts)
         if "methods" in parts:
             bench_methods(os.path.join(tmp, "small"), args.method_candidates, args.threads)
+        if parts & {"search", "options"}:
+            surrogate = args.surrogate or search_surrogate(os.path.join(tmp, "search"), args.runs, args.threads)
+        if "options" in parts:
+            bench_options(surrogate)
         if "search" in parts:
-            ratio = bench_search(os.path.join(tmp, "search"), args.surrogate, args.runs, args.candidates, args.threads)
+            ratio = bench_search(surrogate, args.candidates, args.threads)
             print(f"compiled/LightGBM candidates/s ratio: {ratio:.2f} (target >= 10)")
 
 

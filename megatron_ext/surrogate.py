@@ -134,9 +134,9 @@ def sha256_files(paths) -> str:
 # ---------------------------------------------------------------- compiled prediction
 
 COMPILED = "compiled"           # the surrogate folder's subfolder of lleaves objects (one per model file and host)
-# lleaves' defaults without inlining: about 10x LightGBM's predict for ~15 CPU-s of compiling per 1000-tree model
-# (inlining compiles for many minutes); trees are summed in blocks of 34, so sums differ from LightGBM's in the
-# last bits (1e-14), while one block (bit-identical) is only ~3x
+# lleaves' defaults without inlining: about 8-10x LightGBM's predict for ~15 CPU-s of compiling per 1000-tree
+# model (inlining: 2.4-4.3x faster rows for ~55 CPU-s; docs/BENCHMARKS.md). Trees are summed in blocks of 34, so
+# sums differ from LightGBM's in the last bits (1e-14), while one block (bit-identical) is only ~3x
 LLEAVES_OPTIONS = {"finline": False, "fblocksize": 34}
 COMPILE_AFTER_ROWS = 250_000    # LightGBM rows of one model after which compiling it pays off (ski rental)
 PROBE_ROWS = 256                # rows checked against LightGBM before a compiled model is used
